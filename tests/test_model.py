@@ -1,0 +1,188 @@
+"""model.py: KV-cache decoding, batching with padding, selective logits, sampling determinism and bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model as M
+from conftest import make_checkpoint
+
+
+def greedy_by_recompute(m, prompt, steps):
+    """Reference decoder: recompute the whole sequence at every step, no cache."""
+    ids = list(prompt)
+    for _ in range(steps):
+        logits = m(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_kv_cache_greedy_equals_recompute(tiny_ckpt):
+    m = M.load_model(tiny_ckpt)
+    prompt = [5, 17, 33, 101, 7, 250, 11]
+    got = M.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set())
+    assert got[0] == greedy_by_recompute(m, prompt, 20)
+
+
+def test_batched_left_padding_equals_alone(tiny_ckpt):
+    m = M.load_model(tiny_ckpt)
+    prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 100, 200], [42] * 5]
+    together = M.generate(m, prompts, max_new_tokens=12, temperature=0.0, eos_ids=set())
+    for p, got in zip(prompts, together):
+        assert got == M.generate(m, [p], max_new_tokens=12, temperature=0.0, eos_ids=set())[0]
+    # sampling: each row is a function of (seed, prompt, sample index) only
+    sampled = M.generate(m, prompts, max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=7, eos_ids=set())
+    assert len(sampled) == 9
+    for i, p in enumerate(prompts):
+        alone = M.generate(m, [p], max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=7, eos_ids=set())
+        assert sampled[3 * i:3 * i + 3] == alone
+    again = M.generate(m, prompts, max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=7, eos_ids=set())
+    assert again == sampled
+    other = M.generate(m, prompts, max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=8, eos_ids=set())
+    assert other != sampled
+
+
+def test_generation_stops_at_eos_and_drops_finished_rows(tiny_ckpt):
+    m = M.load_model(tiny_ckpt)
+    prompt = [5, 17, 33, 101]
+    free = M.generate(m, [prompt], max_new_tokens=15, temperature=0.0, eos_ids=set())[0]
+    stop_tok = free[4]
+    cut = M.generate(m, [prompt, [9, 9, 9]], max_new_tokens=15, temperature=0.0, eos_ids={stop_tok})
+    assert cut[0] == free[:free.index(stop_tok) + 1]
+    # the other row keeps going after the first row finished (it was dropped from the batch)
+    alone = M.generate(m, [[9, 9, 9]], max_new_tokens=15, temperature=0.0, eos_ids={stop_tok})[0]
+    assert cut[1] == alone
+
+
+def test_stop_strings(tiny_ckpt):
+    m = M.load_model(tiny_ckpt)
+    tok = M.load_tokenizer(tiny_ckpt)
+    prompt = tok.encode("def f():")
+    free = M.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set())[0]
+    text = tok.decode(free, skip_special_tokens=False)
+    stop = text[6:8]
+    got = M.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set(), stop_strings=[stop],
+                     tokenizer=tok)[0]
+    assert stop in tok.decode(got, skip_special_tokens=False)
+    assert stop not in tok.decode(got[:-1], skip_special_tokens=False)
+
+
+def test_logits_at_and_hidden_layer(tiny_ckpt):
+    m = M.load_model(tiny_ckpt)
+    ids = torch.randint(3, 300, (2, 10))
+    full, h2 = m(ids, hidden_layer=2)
+    sel = torch.zeros(2, 10, dtype=torch.bool)
+    sel[0, 4:] = True
+    sel[1, 7] = True
+    torch.testing.assert_close(m(ids, logits_at=sel), full[sel], rtol=0, atol=1e-5)
+    assert h2.shape == (2, 10, 64)
+    _, h_last = m(ids, hidden_layer=4)
+    torch.testing.assert_close(m.logits(h_last), full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="hidden_layer"):
+        m(ids, hidden_layer=5)
+
+
+def test_padding_does_not_change_real_positions(tiny_ckpt):
+    m = M.load_model(tiny_ckpt)
+    row = torch.randint(3, 300, (1, 7))
+    alone = m(row)
+    padded = torch.cat([torch.full((1, 4), 2), row], dim=1)
+    mask = torch.tensor([[0] * 4 + [1] * 7])
+    torch.testing.assert_close(m(padded, attention_mask=mask)[:, 4:], alone, rtol=0, atol=1e-5)
+
+
+def test_sharded_checkpoint_and_dtypes(tmp_path, tiny_ckpt):
+    sd = load_file(str(tiny_ckpt / "model.safetensors"))
+    out = tmp_path / "sharded"
+    shutil.copytree(tiny_ckpt, out)
+    (out / "model.safetensors").unlink()
+    names = sorted(sd)
+    half = len(names) // 2
+    weight_map = {}
+    for k, part in enumerate((names[:half], names[half:])):
+        fname = f"model-0000{k + 1}-of-00002.safetensors"
+        save_file({n: sd[n] for n in part}, str(out / fname))
+        weight_map.update({n: fname for n in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ids = torch.randint(3, 300, (1, 8))
+    torch.testing.assert_close(M.load_model(out)(ids), M.load_model(tiny_ckpt)(ids), rtol=0, atol=0)
+    bf = M.load_model(tiny_ckpt, dtype=torch.bfloat16)
+    assert bf.lm_head.weight.dtype == torch.bfloat16
+    assert torch.isfinite(bf(ids).float()).all()
+    # a missing shard is named
+    (out / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(M.CheckpointError, match="model-00002-of-00002.safetensors"):
+        M.load_model(out)
+
+
+def test_tied_embeddings_share_storage(tmp_path):
+    p = make_checkpoint(tmp_path / "tied", tie_word_embeddings=True)
+    m = M.load_model(p)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c.pop("hidden_size"), "missing key 'hidden_size'"),
+    (lambda c: c.update(model_type="mistral"), "model_type 'mistral'"),
+    (lambda c: c.update(sliding_window=4096), "sliding_window"),
+    (lambda c: c.update(attention_bias=True), "attention_bias"),
+    (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
+])
+def test_bad_config_is_refused(tiny_ckpt, change, match):
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    change(cfg)
+    (tiny_ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(M.CheckpointError, match=match) as e:
+        M.load_model(tiny_ckpt)
+    assert "config.json" in str(e.value)
+
+
+def test_shape_mismatch_names_file_and_tensor(tiny_ckpt):
+    sd = load_file(str(tiny_ckpt / "model.safetensors"))
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(tiny_ckpt / "model.safetensors"))
+    with pytest.raises(M.CheckpointError, match=r"model.safetensors.*up_proj.weight.*shape"):
+        M.load_model(tiny_ckpt)
+
+
+def test_missing_tensor_is_named(tiny_ckpt):
+    sd = load_file(str(tiny_ckpt / "model.safetensors"))
+    del sd["model.norm.weight"]
+    save_file(sd, str(tiny_ckpt / "model.safetensors"))
+    with pytest.raises(M.CheckpointError, match="model.norm.weight"):
+        M.load_model(tiny_ckpt)
+
+
+def test_rope_parameters_layout_equals_legacy(tmp_path):
+    legacy = make_checkpoint(tmp_path / "legacy", rope_theta=5e5,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    new = make_checkpoint(tmp_path / "new")
+    cfg = json.loads((new / "config.json").read_text())
+    for k in ("rope_theta", "rope_scaling"):
+        cfg.pop(k)
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    (new / "config.json").write_text(json.dumps(cfg))
+    a, b = M.load_model(legacy), M.load_model(new)
+    assert a.config.rope_scaling == b.config.rope_scaling and a.config.rope_theta == b.config.rope_theta == 5e5
+    ids = torch.randint(3, 300, (1, 40))
+    torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=0)
+
+
+def test_tokenizer_templates(tiny_ckpt):
+    tok = M.load_tokenizer(tiny_ckpt)
+    assert tok.family == "chatml" and tok.eos_id == 2 and tok.pad_id == 2 and not tok.adds_bos
+    p, r = tok.encode_example("Add two numbers.", "def add(a, b):\n    return a + b")
+    assert p[0] == 1 and r[-1] == 2
+    assert tok.decode(p + r, skip_special_tokens=False) == (
+        "<|im_start|>user\nAdd two numbers.<|im_end|>\n<|im_start|>assistant\n"
+        "def add(a, b):\n    return a + b<|im_end|>")
+    assert len(tok.encode("123")) == 3  # digits split one by one
+    for fam, head in [("alpaca", "Below is an instruction"), ("codellama", "[INST] "), ("deepseek", "User: ")]:
+        t = M.load_tokenizer(tiny_ckpt, family=fam)
+        assert t.prompt("x").startswith(head)
+    with pytest.raises(ValueError, match="family"):
+        M.load_tokenizer(tiny_ckpt, family="nope")
