@@ -343,6 +343,49 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The LM loss without storing logits: Eq. (1)'s cross-entropy, chunked, gradient taken during the forward pass
+# ----------------------------------------------------------------------------------------------------------------
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, y_i) for a frozen W. Each chunk's logits (n, V) live only inside the loop: the gradient
+    dL/dh = (softmax - onehot) W is computed right there and kept (N, H), so no (N, V) tensor survives the forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        acc = torch.promote_types(h.dtype, torch.float32)                      # softmax in fp32 (or fp64)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for s in range(0, h.shape[0], chunk):
+            logits = (h[s:s + chunk] @ weight.t()).to(acc)                      # (n, V)
+            y = targets[s:s + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_h is not None:
+                p = torch.exp(logits - lse[:, None])                             # softmax, in place of logits
+                p[torch.arange(len(y), device=y.device), y] -= 1.0
+                grad_h[s:s + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, chunk=1024):
+    """Summed next-token cross-entropy of rows h (N, H) through the LM head weight (V, H) against targets (N,).
+    Equal to F.cross_entropy(h @ weight.T, targets, reduction='sum'); the LM head must be frozen (LoRA never trains it)."""
+    if weight.requires_grad:
+        return F.cross_entropy((h @ weight.t()).float(), targets, reduction="sum")
+    if torch.is_autocast_enabled(h.device.type):
+        h = h.to(torch.get_autocast_dtype(h.device.type))
+        weight = weight.to(h.dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,112 @@
+"""The token-wise variational information bottleneck of IB-FT (Sec. 4, Eq. (2)-(6), Appendix B, Alg. 1).
+
+At a chosen layer l* the decoder's hidden states h (B, T, H) pass through a stochastic bottleneck:
+
+    h_t --q_phi--> (mu_t, log sigma_t^2) in R^d      encoder, d << H           Alg. 1, line "q_phi(h_t)"
+    z_t = mu_t + sigma_t * eps_t,  eps_t ~ N(0, I)   reparameterization          (eps from this module's own generator)
+    h_bar_t = g_phi(z_t) in R^H                      decoder
+    s_IB = lm_head(h_bar)                            the model's own (frozen) LM head, a second prediction branch
+
+    l_compress = KL(q_phi(z|h) || N(0, I))           Eq. (4), closed form, over real (non-padding) tokens
+    l_predict  = -CE(s_IB, y)                        Eq. (5)
+    l_IB = l_compress - beta * l_predict             Eq. (6)  = KL + beta * CE_IB
+    loss = CE(s_orig, y) + alpha * l_IB              Eq. (IB-FT); train.py adds the first term
+
+The bottleneck is a training-time regularizer: its output never feeds the rest of the network, so inference and
+evaluation use the base model + LoRA only. Its weights are still saved with a run (vib.safetensors).
+
+Choices that follow the authors' released code (defaults) and the alternatives offered as flags:
+  - KL reduction: mean over latent dims and tokens (`kl_reduction="mean"`); "sum" sums over dims, means over tokens.
+  - log sigma^2 is clamped to [-4, 4] (`logvar_clamp=4.0`); None disables the clamp.
+  - s_IB = lm_head(h_bar) without the final RMSNorm (`head_norm=False`); True applies the model's final norm first.
+  - Not in the paper, a choice of this implementation: q_phi RMS-normalizes its input (`input_norm=True`), see below.
+"""
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from model import linear_cross_entropy
+
+
+@dataclass
+class IBConfig:
+    layer: int = 20                 # l*: the output of this decoder block (1-indexed) is bottlenecked
+    dim: int = 256                  # d, the latent size (Appendix B: d << H)
+    alpha: float = 0.1              # weight of l_IB in Eq. (IB-FT)                     (Appendix C.1)
+    beta: float = 0.02              # compression/prediction trade-off of Eq. (6); 0.02 OriGen, 0.01 Evol-CodeAlpaca
+    kl_reduction: str = "mean"      # "mean" over dims and tokens (authors' code) | "sum" over dims, mean over tokens
+    logvar_clamp: Optional[float] = 4.0
+    head_norm: bool = False         # apply the final RMSNorm before the LM head in the IB branch
+    input_norm: bool = True         # q_phi RMS-normalizes h before its linear map (see VariationalBottleneck)
+    seed: int = 0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) per latent dim: 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2). Eq. (3)-(4)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+class VariationalBottleneck(nn.Module):
+    """q_phi (encoder H -> 2d) and g_phi (decoder d -> H), with a private generator for eps and for its init,
+    so adding the bottleneck never shifts the global random stream (LoRA init, dropout) of a run.
+
+    q_phi first RMS-normalizes h (no weights). Decoder hidden states carry a few massive activations: at layer 20 of
+    SmolLM2-135M the first token's norm is 25,011 and the median token's 215 (measured on the default data). A plain
+    linear encoder then starts at KL ~ 1000 per latent dim, which swamps Eq. (IB-FT) and, through gradient clipping,
+    silences the CE gradient. `input_norm=False` (--ib-raw-input) feeds h as it is."""
+
+    def __init__(self, hidden_size: int, cfg: IBConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = nn.Linear(hidden_size, 2 * cfg.dim, device=device)     # -> (mu, log sigma^2)
+        self.decoder = nn.Linear(cfg.dim, hidden_size, device=device)
+        self.generator = torch.Generator(device=device or "cpu").manual_seed(cfg.seed)
+        with torch.no_grad():                                                 # nn.Linear's default init, private RNG
+            for lin in (self.encoder, self.decoder):
+                bound = 1.0 / math.sqrt(lin.in_features)
+                lin.weight.uniform_(-bound, bound, generator=self.generator)
+                lin.bias.uniform_(-bound, bound, generator=self.generator)
+
+    def encode(self, h):
+        if self.cfg.input_norm:
+            h = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
+        mu, logvar = self.encoder(h).chunk(2, dim=-1)                         # (..., d) each
+        if self.cfg.logvar_clamp is not None:
+            logvar = logvar.clamp(-self.cfg.logvar_clamp, self.cfg.logvar_clamp)
+        return mu, logvar
+
+    def sample(self, mu, logvar, noise_slice=None):
+        """z = mu + sigma * eps. noise_slice = (offset, total): draw eps for `total` rows and use rows offset.., so
+        processes that each hold a slice of one global batch use the noise one process would (DDP = one process)."""
+        offset, total = noise_slice or (0, mu.shape[0])
+        eps = torch.randn((total, mu.shape[1]), generator=self.generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps[offset:offset + mu.shape[0]]
+
+    def forward(self, h, real_mask, label_mask, noise_slice=None):
+        """h (B, T, H) from layer l*; real_mask (B, T) marks non-padding tokens; label_mask (B, T) marks positions that
+        predict a label. Returns (kl_sum, n_kl, h_bar): the KL summed over real tokens (and dims), the count that
+        normalizes it under cfg.kl_reduction, and h_bar (N, H) at label positions."""
+        h_real = h[real_mask.bool()]                                          # (N_real, H)
+        mu, logvar = self.encode(h_real.to(self.encoder.weight.dtype) if not torch.is_autocast_enabled(h.device.type) else h_real)
+        kl = gaussian_kl(mu.float(), logvar.float())                          # (N_real, d)  Eq. (4)
+        n_kl = kl.shape[0] * (kl.shape[1] if self.cfg.kl_reduction == "mean" else 1)
+        # The prediction branch only matters where there is a label: index the latent rows that carry one.
+        rows = label_mask.bool()[real_mask.bool()]                            # label positions among real ones
+        z = self.sample(mu[rows], logvar[rows], noise_slice)                  # (N, d)
+        return kl.sum(), n_kl, self.decoder(z)                                # h_bar: (N, H)
+
+
+def ib_terms(model, vib: VariationalBottleneck, h_layer, real_mask, label_mask, targets, noise_slice=None):
+    """The two IB terms for one micro-batch, as sums (train.py normalizes by token counts over the whole step):
+    kl_sum (Eq. (4)), n_kl, and ce_ib_sum = CE(s_IB, y) summed over label tokens (-Eq. (5))."""
+    kl_sum, n_kl, h_bar = vib(h_layer, real_mask, label_mask, noise_slice)
+    if vib.cfg.head_norm:
+        h_bar = model.model.norm(h_bar)
+    ce_ib_sum = linear_cross_entropy(h_bar, model.lm_head.weight, targets)   # s_IB = lm_head(h_bar), Alg. 1
+    return kl_sum, n_kl, ce_ib_sum

@@ -1,0 +1,125 @@
+"""model.py against golden logits and hidden states recorded from Hugging Face transformers 5.24.
+
+The fixtures under tests/fixtures/golden/ (tiny random Llama checkpoints + golden.safetensors) were written once by
+scripts/make_goldens.py; its docstring records how each case was produced and the RoPE semantics they pin down.
+This test needs only torch and safetensors.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import load_model
+
+GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
+EXPECTED = ["gqa_theta5e5", "head_dim", "rope_dynamic", "rope_linear", "rope_llama3", "tied"]
+CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "golden.safetensors").is_file()) if GOLDEN.is_dir() else []
+LEGACY = [c for c in CASES if (GOLDEN / c / "config_legacy.json").is_file()]
+ATOL = 1e-4
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def check(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: float = ATOL) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = max_abs(actual, expected)
+    assert err <= atol, f"{what}: max |diff| {err:.3g} > {atol:g}"
+
+
+def folder_for(case: str, layout: str, tmp_path: Path) -> Path:
+    """The fixture folder, or (legacy layout) a copy whose config.json is config_legacy.json."""
+    src = GOLDEN / case
+    if layout == "rope_parameters":
+        return src
+    dst = tmp_path / case
+    dst.mkdir()
+    shutil.copy(src / "model.safetensors", dst / "model.safetensors")
+    shutil.copy(src / "config_legacy.json", dst / "config.json")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def goldens():
+    return {c: load_file(str(GOLDEN / c / "golden.safetensors")) for c in CASES}
+
+
+def test_fixtures_present():
+    assert CASES == EXPECTED, f"golden fixtures in {GOLDEN}: {CASES}; rerun scripts/make_goldens.py"
+    assert {"gqa_theta5e5", "rope_linear"} <= set(LEGACY)
+
+
+@pytest.mark.parametrize("case,layout", [(c, "rope_parameters") for c in CASES] + [(c, "legacy") for c in LEGACY])
+@torch.no_grad()
+def test_logits_and_hidden_states(case, layout, goldens, tmp_path):
+    g = goldens[case]
+    ids, mask = g["input_ids"], g["attention_mask"]
+    real = mask.bool()                                       # (B, T): compare only non-padding positions
+    model = load_model(folder_for(case, layout, tmp_path), dtype=torch.float32)
+    n_layers = json.loads((GOLDEN / case / "config.json").read_text())["num_hidden_layers"]
+    assert model.num_layers == n_layers
+    for layer in range(n_layers + 1):
+        logits, hidden = model(ids, attention_mask=mask, hidden_layer=layer)
+        check(logits[real], g["logits"][real], f"{case}/{layout}: logits (hidden_layer={layer})")
+        check(hidden[real], g[f"hidden_states_{layer}"][real], f"{case}/{layout}: hidden_states[{layer}]")
+    logits = model(ids, attention_mask=mask)
+    check(logits[real], g["logits"][real], f"{case}/{layout}: logits")
+
+
+@pytest.mark.parametrize("case", LEGACY)
+@torch.no_grad()
+def test_legacy_layout_gives_identical_logits(case, goldens, tmp_path):
+    """config.json with rope_parameters (transformers 5) and with rope_theta + rope_scaling (4.x) load the same model."""
+    g = goldens[case]
+    new = load_model(GOLDEN / case, dtype=torch.float32)(g["input_ids"], attention_mask=g["attention_mask"])
+    old = load_model(folder_for(case, "legacy", tmp_path), dtype=torch.float32)(
+        g["input_ids"], attention_mask=g["attention_mask"])
+    real = g["attention_mask"].bool()
+    assert torch.equal(new[real], old[real]), f"{case}: layouts differ by {max_abs(new[real], old[real]):.3g}"
+
+
+@pytest.mark.parametrize("case", CASES)
+@torch.no_grad()
+def test_logits_at_selects_rows(case, goldens):
+    g = goldens[case]
+    ids, mask = g["input_ids"], g["attention_mask"]
+    sel = mask.bool() & (torch.arange(ids.shape[1]) % 3 == 1)   # a scattered subset of real positions
+    sel[:, -1] = True                                           # plus each row's last token
+    model = load_model(GOLDEN / case, dtype=torch.float32)
+    out = model(ids, attention_mask=mask, logits_at=sel)        # (N, V)
+    full = model(ids, attention_mask=mask)                      # (B, T, V)
+    check(out, full[sel], f"{case}: logits_at vs full logits", atol=1e-5)
+    check(out, g["logits"][sel], f"{case}: logits_at vs golden")
+
+
+@pytest.mark.parametrize("case", CASES)
+@torch.no_grad()
+def test_no_mask_matches_unpadded_row(case, goldens):
+    """Row 0 of the goldens has no padding, so attention_mask=None must reproduce it."""
+    g = goldens[case]
+    assert bool(g["attention_mask"][0].all())
+    model = load_model(GOLDEN / case, dtype=torch.float32)
+    check(model(g["input_ids"][:1])[0], g["logits"][0], f"{case}: logits without attention_mask")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_config_and_module_tree(case):
+    cfg = json.loads((GOLDEN / case / "config.json").read_text())
+    model = load_model(GOLDEN / case, dtype=torch.float32)
+    c = model.config
+    got = (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
+           c.intermediate_size, c.max_position_embeddings, c.tie_word_embeddings)
+    want = (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["head_dim"], cfg["intermediate_size"], cfg["max_position_embeddings"],
+            cfg["tie_word_embeddings"])
+    assert got == want
+    assert c.rope_theta == cfg["rope_parameters"]["rope_theta"]
+    assert model.hidden_size == cfg["hidden_size"]
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == cfg["tie_word_embeddings"]
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (cfg["num_attention_heads"] * cfg["head_dim"],
+                                                                   cfg["hidden_size"])
