@@ -437,21 +437,26 @@ def load_model(path=None, dtype=None, device=None) -> Transformer:
     seen = set()
     for f in _weight_files(path):
         with safe_open(str(f), framework="pt", device="cpu") as st:
-            for name in st.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue                                          # old checkpoints saved this buffer
-                if name == "lm_head.weight" and args.tie_word_embeddings:
-                    continue
-                if name not in params:
-                    raise CheckpointError(f"{f}: unexpected tensor '{name}' (not a Llama parameter)")
+            names = list(st.keys())
+        for name in names:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue                                              # old checkpoints saved this buffer
+            if name == "lm_head.weight" and args.tie_word_embeddings:
+                continue
+            if name not in params:
+                raise CheckpointError(f"{f}: unexpected tensor '{name}' (not a Llama parameter)")
+            # One short-lived memory map per tensor: when the tensor is converted (bf16 file -> fp32 model) or
+            # moved to the GPU, its source pages are unmapped right away, so peak RSS stays near the model's size.
+            # Same dtype on the CPU: the tensor keeps pointing into the (copy-on-write) map, with no copy at all.
+            with safe_open(str(f), framework="pt", device="cpu") as st:
                 t = st.get_tensor(name)
-                want = tuple(params[name].shape)
-                if tuple(t.shape) != want:
-                    raise CheckpointError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, config.json "
-                                          f"implies {want}")
-                _assign(model, name, t.to(device=device, dtype=dtype))
-                seen.add(name)
-                del t
+            want = tuple(params[name].shape)
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, config.json "
+                                      f"implies {want}")
+            _assign(model, name, t.to(device=device, dtype=dtype))
+            seen.add(name)
+            del t
     missing = sorted(expected - seen)
     if missing:
         raise CheckpointError(f"{path}: missing tensors in the safetensors files: {', '.join(missing[:5])}"

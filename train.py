@@ -589,7 +589,8 @@ def train(args):
             f"  run dir   {run_dir}/",
             f"  adapter   adapter_model.safetensors + adapter_config.json (PEFT format; inference uses base + LoRA only)",
             f"  also      {'vib.safetensors, ' if vib is not None else ''}config.json, metrics.jsonl, checkpoint/",
-            f"  next      python evaluate.py --benchmark humaneval --adapter {run_dir} --out {run_dir}/humaneval.json",
+            f"  next      python evaluate.py --benchmark humaneval --generate --adapter {run_dir} "
+            f"--samples {run_dir}/humaneval_samples.jsonl --out {run_dir}/humaneval.json",
         ]))
     if world > 1:
         dist.destroy_process_group()

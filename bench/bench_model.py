@@ -9,13 +9,12 @@
 2. Sampling on evaluation's workload: n = 10 samples at temperature 0.2 (top-p 0.95) for each of 16 templated
    HumanEval prompts, up to 256 new tokens, stopping at EOS; transformers: one generate call per prompt with
    num_return_sequences=10. Also the raw decode rate at a fixed batch of 10 (no early stop) for both.
-3. Peak RSS (ru_maxrss) of loading each model, in fresh processes, against the weights' size.
+3. Peak RSS (VmHWM) of loading each model, in fresh processes, against the weights' size.
 """
 import argparse
 import gzip
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -126,31 +125,46 @@ def bench_sampling(path, n_prompts):
 
 
 RSS_CHILD = r"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {repo!r})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # peak RSS of this address space in KiB (ru_maxrss would carry the parent's peak across fork + exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+base = hwm()
 if {which!r} == "ours":
     import model as M
     m = M.load_model({path!r}, dtype=torch.float32)
 else:
     from transformers import LlamaForCausalLM
     m = LlamaForCausalLM.from_pretrained({path!r}, dtype=torch.float32)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+load = hwm()
+with torch.no_grad():
+    m(torch.tensor([[1, 2, 3]]))                 # touch every weight (same-dtype weights may stay memory-mapped)
+fwd = hwm()
 size = sum(p.numel() * p.element_size() for p in {{id(p): p for p in m.parameters()}}.values())
-print(base * 1024, peak * 1024, size)
+print(base * 1024, load * 1024, fwd * 1024, size)
 """
 
 
 def bench_rss(path):
-    out = {}
-    for which in ("ours", "transformers"):
-        code = RSS_CHILD.format(repo=str(REPO), which=which, path=str(path))
-        base, peak, size = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                   check=True).stdout.split())
-        out[which] = (peak, peak - base, size)
-        print(f"  load {which}: peak RSS {peak / 2**20:.0f} MiB, {(peak - base) / 2**20:.0f} MiB above the bare "
-              f"process = {(peak - base) / size:.2f}x the fp32 weights ({size / 2**20:.0f} MiB)")
-    return out
+    """Peak RSS above a bare process, after loading and after one forward pass, for an fp32 file and for a bf16
+    copy of it (the usual checkpoint dtype, converted to fp32 on load as on the CPU)."""
+    import tempfile
+    from safetensors.torch import load_file, save_file
+    with tempfile.TemporaryDirectory() as tmp:
+        bf16 = Path(tmp)
+        for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            (bf16 / f).write_bytes((Path(path) / f).read_bytes())
+        sd = load_file(str(Path(path) / "model.safetensors"))
+        save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(bf16 / "model.safetensors"))
+        del sd
+        for label, p in (("fp32 file", path), ("bf16 file", bf16)):
+            for which in ("ours", "transformers"):
+                code = RSS_CHILD.format(repo=str(REPO), which=which, path=str(p))
+                base, load, fwd, size = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                                text=True, check=True).stdout.split()[-4:])
+                print(f"  {label} -> fp32, {which:12s}: +{(load - base) / 2**20:.0f} MiB after load, "
+                      f"+{(fwd - base) / 2**20:.0f} MiB after a forward = {(fwd - base) / size:.2f}x the weights "
+                      f"({size / 2**20:.0f} MiB)")
 
 
 def main():

@@ -11,7 +11,6 @@ The batch: the `--batch` longest examples of data/default_instruct.jsonl in the 
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,16 +74,20 @@ def bench_ib_vs_ft(path, b, pairs):
 
 
 MEM_CHILD = r"""
-import resource, sys, torch
+import sys, torch
+def hwm():  # peak RSS of this address space in KiB (ru_maxrss would carry the parent's peak across fork + exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r})
 import bench_train as B, train as T
 from bottleneck import IBConfig, VariationalBottleneck
 b = B.batch({path!r}, {n})
 m = B.our_model({path!r})
 vib = VariationalBottleneck(m.hidden_size, IBConfig(dim=256)).train() if {ib} else None
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    m(b[0][:, :8])                                 # touch every weight first (they may be memory-mapped)
+before = hwm()
 B.step(T.Objective(m, vib, 20), b)
-print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(before * 1024, hwm() * 1024)
 """
 
 
