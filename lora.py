@@ -48,6 +48,25 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (Lo
 # The adapted linear layer
 # --------------------------------------------------------------------------------------------------------------
 
+class LoRADropout(nn.Module):
+    """Inverted dropout, x * (u >= p) / (1 - p) with u ~ U[0, 1): the same distribution as nn.Dropout, but its mask
+    comes from torch.rand, which on the CPU costs about 60% of what nn.Dropout's Bernoulli draw does (measured: a
+    (1055, 1536) fp32 mask in 6.3 ms vs 10.9 ms on one core). Seven of these per layer were 9% of a LoRA step."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand_like(x) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update: y = x W^T + b + scaling * dropout(x) A^T B^T.
 
@@ -65,7 +84,7 @@ class LoRALinear(nn.Module):
         self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         # A: Kaiming-uniform with a = sqrt(5) (bound 1/sqrt(in)), as nn.Linear and PEFT. Drawn on the CPU from
         # `generator` (or the global CPU RNG), then moved, so a seed gives the same A on every device.
         a = torch.empty(r, self.in_features, dtype=torch.float32)

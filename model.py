@@ -288,8 +288,12 @@ class Transformer(nn.Module):
         """Run the decoder stack. Returns (h_final, h_layer): the pre-norm output of the last block (B, T, H) and the
         output of block `hidden_layer` (1-indexed; 0 = embeddings; = transformers' hidden_states[l]), or None."""
         B, T = input_ids.shape
-        if attention_mask is not None and start == 0 and bool(attention_mask.all()):
-            attention_mask = None                                    # no padding: use the fast causal path
+        if attention_mask is not None and start == 0 and position_ids is None and \
+                bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            # No padding, or right padding only (training and scoring batches): a real token never sees a pad, which
+            # all come after it, so plain causal attention is exact at every real position and skips the masked
+            # half of the work. Outputs at pad positions differ (callers never read them).
+            attention_mask = None
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
@@ -361,8 +365,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if grad_h is not None:
-                p = torch.exp(logits - lse[:, None])                             # softmax, in place of logits
-                p[torch.arange(len(y), device=y.device), y] -= 1.0
+                p = logits.sub_(lse[:, None]).exp_()                             # softmax, in place of the logits
+                p[torch.arange(len(y), device=y.device), y] -= 1.0               # d CE / d logits
                 grad_h[s:s + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)
         ctx.save_for_backward(grad_h)
         return total

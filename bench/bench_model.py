@@ -44,13 +44,13 @@ def fwd_bwd_ours(m, ids, label):
     h, _ = m.trunk(ids)
     loss = M.linear_cross_entropy(m.model.norm(h[:, :-1][label[:, 1:]]), m.lm_head.weight, ids[label]) / label.sum()
     loss.backward()
-    return float(loss)
+    return loss.item()
 
 
 def fwd_bwd_hf(hf, ids, labels):
     out = hf(input_ids=ids, labels=labels)
     out.loss.backward()
-    return float(out.loss)
+    return out.loss.item()
 
 
 def bench_train_step(path, pairs):

@@ -186,3 +186,20 @@ def test_tokenizer_templates(tiny_ckpt):
         assert t.prompt("x").startswith(head)
     with pytest.raises(ValueError, match="family"):
         M.load_tokenizer(tiny_ckpt, family="nope")
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_ckpt):
+    m = M.load_model(tiny_ckpt).train()
+    for p in m.model.norm.parameters():
+        p.requires_grad_(True)
+    for layer in m.model.layers:
+        layer.mlp.up_proj.weight.requires_grad_(True)
+    ids = torch.randint(3, 300, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        m.zero_grad(set_to_none=True)
+        m(ids).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
