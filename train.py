@@ -160,10 +160,11 @@ def pick_fields(records, instruction_field, response_field, path):
 
 
 def tokenize(records, tok, fields, max_len):
-    """-> examples [(ids, n_prompt)], stats. The loss sees response tokens (and the EOS after them) only."""
+    """-> examples [(ids, n_prompt)], the index of each one's record, stats. The loss sees response tokens (and the
+    EOS after them) only."""
     fi, fr = fields
-    examples, truncated, dropped = [], 0, 0
-    for r in records:
+    examples, source, truncated, dropped = [], [], 0, 0
+    for n, r in enumerate(records):
         if fi not in r or fr not in r:
             raise UsageError(f"{r['_where']}: missing field '{fi if fi not in r else fr}'")
         if not isinstance(r[fr], str) or not r[fr].strip():
@@ -177,7 +178,8 @@ def tokenize(records, tok, fields, max_len):
                 dropped += 1
                 continue
         examples.append((ids, len(prompt_ids)))
-    return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+        source.append(n)
+    return examples, source, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
 
 
 def collate(examples, pad_id, device):
@@ -223,8 +225,7 @@ def select_mink(model, tok, records, fields, keep, k):
     import mink
     scores = mink.score_examples(model, tok, [{"p": r[fields[0]], "r": r[fields[1]]} for r in records], k=k,
                                  prompt_field="p", response_field="r")
-    order = sorted(range(len(records)), key=lambda i: -scores[i])        # least memorized first
-    return sorted(order[:max(1, round(keep * len(records)))]), scores
+    return mink.prune_indices(scores, 1.0 - keep), scores                 # the same subset as `mink.py prune`
 
 
 def grand_scores(model, examples, pad_id, batch_size=4):
@@ -435,13 +436,13 @@ def train(args):
     tok = load_tokenizer(model_path, family=args.template)
     records = read_records(data_path)
     fields = pick_fields(records, args.instruction_field, args.response_field, data_path)
-    examples, stats = tokenize(records, tok, fields, args.max_len)
+    examples, source, stats = tokenize(records, tok, fields, args.max_len)
     if not examples:
         raise UsageError(f"{data_path}: no example has a response token left within --max-len {args.max_len}")
 
     kept = list(range(len(examples)))
     if args.prune == "mink":
-        kept, _ = select_mink(model, tok, records, fields, args.keep, args.mink_k)
+        kept, _ = select_mink(model, tok, [records[i] for i in source], fields, args.keep, args.mink_k)
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     L.inject_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
                   rslora=args.rslora, generator=torch.Generator().manual_seed(args.seed))

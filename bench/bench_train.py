@@ -32,7 +32,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def batch(path, n):
     tok = M.load_tokenizer(path)
     recs = [dict(json.loads(x), _where="") for x in (REPO / "data" / "default_instruct.jsonl").read_text().splitlines()]
-    ex, _ = T.tokenize(recs, tok, ("instruction", "response"), 512)
+    ex, _, _ = T.tokenize(recs, tok, ("instruction", "response"), 512)
     ex = sorted(ex, key=lambda e: -len(e[0]))[:n]
     return T.collate(ex, tok.pad_id, "cpu")
 

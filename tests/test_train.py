@@ -236,3 +236,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_ckp
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == step - 1
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_prune_mink_with_a_dropped_example(tmp_path, tiny_ckpt):
+    pytest.importorskip("mink")
+    data = write_data(tmp_path / "d.jsonl", n=10)
+    rows = data.read_text().splitlines()
+    rows[3] = json.dumps({"instruction": "long " * 300, "response": "x"})    # its prompt alone exceeds --max-len
+    data.write_text("\n".join(rows) + "\n")
+    run_train("--model", tiny_ckpt, "--data", data, "--max-steps", 1, "--method", "ft", "--prune", "mink",
+              "--keep", 0.8, "--max-len", 200, "--out", tmp_path / "r")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["data_stats"]["dropped"] == 1 and cfg["kept_examples"] == 7            # round(0.8 * 9)
