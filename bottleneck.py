@@ -93,7 +93,9 @@ class VariationalBottleneck(nn.Module):
         predict a label. Returns (kl_sum, n_kl, h_bar): the KL summed over real tokens (and dims), the count that
         normalizes it under cfg.kl_reduction, and h_bar (N, H) at label positions."""
         h_real = h[real_mask.bool()]                                          # (N_real, H)
-        mu, logvar = self.encode(h_real.to(self.encoder.weight.dtype) if not torch.is_autocast_enabled(h.device.type) else h_real)
+        if not torch.is_autocast_enabled(h.device.type):                     # (under autocast nn.Linear casts)
+            h_real = h_real.to(self.encoder.weight.dtype)
+        mu, logvar = self.encode(h_real)                                      # (N_real, d) each
         kl = gaussian_kl(mu.float(), logvar.float())                          # (N_real, d)  Eq. (4)
         n_kl = kl.shape[0] * (kl.shape[1] if self.cfg.kl_reduction == "mean" else 1)
         # The prediction branch only matters where there is a label: index the latent rows that carry one.
