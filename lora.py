@@ -60,8 +60,8 @@ class LoRADropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        keep = torch.rand_like(x) >= self.p
-        return x * keep * (1.0 / (1.0 - self.p))
+        mask = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))    # 0 or 1/(1-p), in place
+        return x * mask
 
     def extra_repr(self):
         return f"p={self.p}"

@@ -362,10 +362,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             logits = (h[s:s + chunk] @ weight.t()).to(acc)                      # (n, V)
             y = targets[s:s + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)
+            m = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(m).exp_()                                            # in place: exp(logits - max)
+            z = p.sum(dim=-1, keepdim=True)
+            total += (m.squeeze(1) + z.log().squeeze(1) - target_logit).sum()    # logsumexp - logit of the target
             if grad_h is not None:
-                p = logits.sub_(lse[:, None]).exp_()                             # softmax, in place of the logits
+                p.div_(z)                                                        # softmax
                 p[torch.arange(len(y), device=y.device), y] -= 1.0               # d CE / d logits
                 grad_h[s:s + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)
         ctx.save_for_backward(grad_h)

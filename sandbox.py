@@ -47,6 +47,11 @@ from typing import Optional
 OUTCOMES = ("passed", "failed", "timeout", "syntax_error", "compile_error", "runtime_error")
 NOBODY = 65534
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+# Bubblewrap gives each sample a fresh, empty /tmp. A Python installed under /tmp (a virtual environment there, say)
+# would vanish with it, so its folders are bound back, read-only.
+KEEP_UNDER_TMP = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable),
+                                                       os.path.dirname(os.path.realpath(sys.executable)))
+                         if os.path.realpath(p).startswith("/tmp/")})
 
 
 @dataclass(frozen=True)
@@ -488,9 +493,10 @@ class Sandbox:
         """Start argv in workdir as `user`, inside bubblewrap if `wrap`, with `limits` (rlimits) set before exec
         ([] when the program sets them itself: the Python harness)."""
         if wrap:
+            keep = [a for d in KEEP_UNDER_TMP for a in ("--ro-bind", d, d)]   # after --tmpfs /tmp, in that order
             argv = [self._bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
                     "--cap-drop", "ALL", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-                    "--bind", workdir, workdir, "--chdir", workdir, "--"] + argv
+                    *keep, "--bind", workdir, workdir, "--chdir", workdir, "--"] + argv
         kw = {}
         if limits and self._prlimit:
             names = {resource.RLIMIT_AS: "as", resource.RLIMIT_CPU: "cpu", resource.RLIMIT_FSIZE: "fsize",
