@@ -60,8 +60,8 @@ class LoRADropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        mask = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))    # 0 or 1/(1-p), in place
-        return x * mask
+        drop = torch.rand_like(x) < self.p                     # a bool mask: autograd keeps 1 byte per element
+        return x.masked_fill(drop, 0.0).mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self):
         return f"p={self.p}"
