@@ -505,7 +505,7 @@ def train(args):
         f"{total_steps} steps | {precision} on {device}" + (f" x{world}" if world > 1 else ""))
 
     n_kl_per_token = args.bottleneck_dim if args.kl_reduction == "mean" else 1
-    t0, tokens_seen, last_good = time.time(), 0, None
+    t0, tokens_seen, last_good = time.time(), 0, (start_step if args.resume else None)
     first_loss = loss_value = None
     for step in range(start_step, total_steps):
         global_batches = plan[step * args.grad_accum:(step + 1) * args.grad_accum]
