@@ -85,16 +85,22 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
-        # A: Kaiming-uniform with a = sqrt(5) (bound 1/sqrt(in)), as nn.Linear and PEFT. Drawn on the CPU from
-        # `generator` (or the global CPU RNG), then moved, so a seed gives the same A on every device.
-        a = torch.empty(r, self.in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         device = base.weight.device
-        self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))                                   # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))     # (out, r)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))      # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))     # (out, r)
+        self.reset_parameters(generator)
         self.merged = False
         self._base_copy = None  # the exact pre-merge weight, kept on the CPU while merged (see merge_)
         self.train(base.training)  # an eval-mode model stays in eval mode (no dropout)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A: Kaiming-uniform with a = sqrt(5) (bound 1/sqrt(in)), as nn.Linear and PEFT; B: zeros. A is drawn on the
+        CPU from `generator` (or the global CPU RNG), then moved, so a seed gives the same A on every device."""
+        a = torch.empty(self.r, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A.copy_(a)
+        self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
         y = F.linear(x, self.weight, self.bias)

@@ -530,9 +530,9 @@ class Tokenizer:
 
     def response_text(self, response: str) -> str:
         """How a response follows the prompt in the family's template (before EOS)."""
-        if self.family in ("deepseek", "codellama"):
-            return " " + response.strip() if self.family == "codellama" else " " + response
-        return response
+        if self.family == "codellama":
+            return " " + response.strip()
+        return " " + response if self.family == "deepseek" else response
 
     def encode_example(self, instruction: str, response: str) -> tuple:
         """(prompt_ids, response_ids): BOS where the family uses one; the response ends with EOS."""

@@ -278,18 +278,15 @@ def grand_scores(model, examples, pad_id, batch_size=4):
 
 def select_grand(model, examples, pad_id, keep, seeds, args):
     """Average GraNd over `seeds` LoRA initializations; keep the highest-scoring fraction (Table 1 keeps 80%)."""
+    import mink
     total = torch.zeros(len(examples))
     for s in range(seeds):
-        for m in L.lora_layers(model).values():                    # a fresh LoRA init per seed (B = 0, A ~ Kaiming)
-            a = torch.empty_like(m.lora_A, device="cpu")
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=torch.Generator().manual_seed(args.seed * 1000 + s))
-            with torch.no_grad():
-                m.lora_A.copy_(a)
-                m.lora_B.zero_()
+        g = torch.Generator().manual_seed(args.seed * 1000 + s)   # a fresh LoRA init per seed (B = 0, A ~ Kaiming)
+        for m in L.lora_layers(model).values():
+            m.reset_parameters(g)
         total += torch.tensor(grand_scores(model, examples, pad_id, args.batch_size))
     scores = (total / seeds).tolist()
-    order = sorted(range(len(examples)), key=lambda i: -scores[i])
-    return sorted(order[:max(1, round(keep * len(examples)))]), scores
+    return mink.prune_indices(scores, 1.0 - keep), scores         # drop the lowest scores, as --prune mink does
 
 
 # ----------------------------------------------------------------------------------------------------------------
