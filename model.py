@@ -682,6 +682,9 @@ def _generate_chunk(model, prompts, seeds, max_new, temperature, top_p, n, eos, 
         logits, mask, next_pos = logits[rows], mask[rows], pos[rows, -1] + 1
         gens = [torch.Generator().manual_seed(_row_seed(seeds[r // n], prompts[r // n], r % n)) for r in range(P * n)]
         alive = list(range(P * n))                                   # batch slot -> output row
+        # Every token is at least one byte, so the last len(stop in bytes) + 1 tokens hold any stop string that
+        # the newest token completed: decode that window, not the whole continuation, at each step.
+        window = 1 + max((len(s.encode()) for s in stop_strings or ()), default=0)
         new = [[] for _ in range(P * n)]
         start = L
         for step in range(max_new):
@@ -689,8 +692,8 @@ def _generate_chunk(model, prompts, seeds, max_new, temperature, top_p, n, eos, 
             done = torch.isin(tokens, eos).tolist()
             for slot, r in enumerate(alive):
                 new[r].append(int(tokens[slot]))
-                if stop_strings and not done[slot]:
-                    text = tok.decode(new[r], skip_special_tokens=False)
+                if stop_strings and not done[slot]:      # a stop string can only complete in the last few tokens
+                    text = tok.decode(new[r][-window:], skip_special_tokens=False)
                     done[slot] = any(s in text for s in stop_strings)
             if step == max_new - 1:
                 break
