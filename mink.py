@@ -229,8 +229,8 @@ def min_k(values: torch.Tensor, k: float = K_PERCENT) -> float:
 
 
 def default_batch_size(model) -> int:
-    """8 on an accelerator; 1 on the CPU, where batching buys nothing and padding costs (bench/bench_mink.py
-    measured batch 8 at 0.8x the speed of batch 1 on 64 sorted python_instruct examples)."""
+    """8 on an accelerator; 1 on the CPU, where batching buys nothing and padding costs (bench/bench_mink.py, 2
+    threads: batch 8 at 0.95x the speed of batch 1 on 64 length-sorted python_instruct examples)."""
     return 1 if model.lm_head.weight.device.type == "cpu" else 8
 
 

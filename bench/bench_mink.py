@@ -6,10 +6,16 @@ token's log-prob. Ours: mink.score_examples, batched with right padding, the LM 
 positions. Both score the same token ids (the response given the templated prompt) on the same examples, fp32, and
 the scores are compared. Reports scored tokens/s and the speed ratio measured in the same run.
 
+It also prints what bounds that ratio. Both sides must run the whole decoder stack on every token (the response is
+scored given the prompt), so the FLOPs differ only by the vocabulary head at unscored positions. The script counts the
+multiply-adds of each side from config.json and measures this machine's fp32 peak with a large matrix product on the
+same threads. Then no exact fp32 implementation can beat  t_reference / (FLOPs_ours / peak).
+
     python bench/bench_mink.py [--n 64] [--batch-size 8] [--data ../shared/data/train/python_instruct.jsonl]
 Needs transformers (bench/requirements.txt) and ../shared; skips with a message when either is absent.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -39,6 +45,38 @@ def reference_scores(hf_model, rows, score_from, k):
         k_length = max(1, int(len(scored) * k / 100))
         scores.append(-float(np.mean(np.sort(scored)[:k_length])))
     return scores
+
+
+def flops(cfg, rows, score_from):
+    """(reference, ours) floating-point operations (2 per multiply-add) of a forward pass over `rows`: the linear
+    layers of every block on every token, causal attention (QK^T and AV, T^2/2 each per head), and the vocabulary
+    head on every position (reference) or on the scored positions only (ours)."""
+    H, L, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or H // heads
+    block = H * heads * d * 2 + H * kv * d * 2 + 3 * H * cfg["intermediate_size"]    # q, o, k, v, gate/up/down
+    T = sum(len(r) for r in rows)
+    n_scored = sum(len(r) - s for r, s in zip(rows, score_from))
+    attention = L * heads * d * sum(len(r) ** 2 for r in rows)                         # 2 x T^2/2 per head
+    trunk = L * block * T + attention
+    return 2.0 * (trunk + H * V * T), 2.0 * (trunk + H * V * n_scored)
+
+
+def peak_flops(sizes=(512, 1024, 2048), repeats=5) -> float:
+    """This machine's fp32 matrix-product peak on the current threads: the best rate of `repeats` n^3 products for
+    each n in `sizes` (generous on purpose: the bound it gives must not be too low)."""
+    rates = []
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        rates.append(2.0 * n ** 3 / min(_timed(lambda: a @ b) for _ in range(repeats)))
+    return max(rates)
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
 
 
 def main():
@@ -77,6 +115,7 @@ def main():
     print(f"{len(rows)} examples of {Path(args.data).name}: {n_total} tokens, {n_scored} scored (response), "
           f"model {path.name}, fp32, {args.device}, {torch.get_num_threads()} threads")
 
+    f_ref, f_ours = flops(json.loads((path / "config.json").read_text()), rows, score_from)
     ours_model = load_model(path, dtype=torch.float32, device=args.device)
     hf = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(args.device).eval()
     mink.score_examples(ours_model, tok, examples[:2], k=args.k, batch_size=2)      # warm-up
@@ -100,14 +139,20 @@ def main():
             sync()
             t_ours[b] += time.perf_counter() - t0
 
-    print(f"reference (transformers, batch 1, full log_softmax): {t_ref:7.2f} s  {n_scored / t_ref:8.1f} scored tok/s")
+    print(f"reference (transformers, batch 1, full log_softmax): {t_ref:7.2f} s  {n_scored / t_ref:8.1f} scored tok/s  "
+          f"{f_ref / t_ref / 1e9:6.1f} GFLOP/s")
     worst = 0.0
     for b in args.batch_size:
         diff = max(abs(x - y) for x, y in zip(ours[b], ref))
         worst = max(worst, diff)
         print(f"mink.py   (batch {b:2d}, LM head at scored positions):   {t_ours[b]:7.2f} s  "
-              f"{n_scored / t_ours[b]:8.1f} scored tok/s  speed-up {t_ref / t_ours[b]:.2f}x (target >= 3x)  "
+              f"{n_scored / t_ours[b]:8.1f} scored tok/s  {f_ours / t_ours[b] / 1e9:6.1f} GFLOP/s  speed-up {t_ref / t_ours[b]:.2f}x (target >= 3x)  "
               f"max |score difference| {diff:.1e}")
+    if args.device == "cpu":
+        peak = peak_flops()
+        print(f"bounds: the reference does {f_ref / f_ours:.3f}x the FLOPs of ours; this machine's fp32 peak "
+              f"({peak / 1e9:.1f} GFLOP/s, the best square matrix product) caps any exact implementation at "
+              f"{t_ref * peak / f_ours:.2f}x the reference")
     return 0 if worst < 1e-3 else 1
 
 
