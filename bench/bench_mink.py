@@ -146,7 +146,8 @@ def main():
         diff = max(abs(x - y) for x, y in zip(ours[b], ref))
         worst = max(worst, diff)
         print(f"mink.py   (batch {b:2d}, LM head at scored positions):   {t_ours[b]:7.2f} s  "
-              f"{n_scored / t_ours[b]:8.1f} scored tok/s  {f_ours / t_ours[b] / 1e9:6.1f} GFLOP/s  speed-up {t_ref / t_ours[b]:.2f}x (target >= 3x)  "
+              f"{n_scored / t_ours[b]:8.1f} scored tok/s  {f_ours / t_ours[b] / 1e9:6.1f} GFLOP/s  "
+              f"speed-up {t_ref / t_ours[b]:.2f}x (target >= 3x)  "
               f"max |score difference| {diff:.1e}")
     if args.device == "cpu":
         peak = peak_flops()
