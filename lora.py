@@ -291,7 +291,7 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
         m.lora_B.copy_(state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """write(tmp_path), then os.replace onto path: readers see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -327,10 +327,10 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(peft_config(cfg, None if base_model_name_or_path is None else str(base_model_name_or_path)),
                       indent=2) + "\n"
-    _atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(text))
+    atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(text))
     return out
 
 

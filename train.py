@@ -346,7 +346,7 @@ def save_checkpoint(run_dir: Path, model, vib, opt, sched, scaler, step, base_pa
     tmp.mkdir(parents=True)
     L.save_adapter(model, tmp, base_path)
     if vib is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in vib.state_dict().items()}, str(tmp / "vib.safetensors"))
+        save_vib(vib, tmp / "vib.safetensors", model.hidden_size)
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8),
@@ -382,10 +382,15 @@ def load_checkpoint(run_dir: Path, model, vib, opt, sched, scaler):
     return int(state["step"])
 
 
+def save_vib(vib, path: Path, hidden_size: int):
+    """The bottleneck's weights (q_phi, g_phi) with its IBConfig in the safetensors metadata, written atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in vib.state_dict().items()}
+    meta = {"ib_config": json.dumps(vib.cfg.to_dict()), "hidden_size": str(hidden_size)}
+    L.atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
 def write_text_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    L.atomic_write(path, lambda p: p.write_text(text))
 
 
 def write_json_atomic(path: Path, obj):
@@ -572,10 +577,7 @@ def train(args):
     if main:
         L.save_adapter(model, run_dir, str(model_path))
         if vib is not None:
-            tmp = run_dir / "vib.safetensors.tmp"
-            save_file({k: v.detach().cpu().contiguous() for k, v in vib.state_dict().items()}, str(tmp),
-                      metadata={"ib_config": json.dumps(vib.cfg.to_dict()), "hidden_size": str(model.hidden_size)})
-            os.replace(tmp, run_dir / "vib.safetensors")
+            save_vib(vib, run_dir / "vib.safetensors", model.hidden_size)
         save_checkpoint(run_dir, model, vib, opt, sched, scaler, total_steps, str(model_path))
         elapsed = time.time() - t0
         print("\n".join([
