@@ -94,11 +94,20 @@ def compute_metrics(counts: list, ks, ms, bootstrap: int = 1000, seed: int = 0):
     return metrics, intervals
 
 
-def format_table(rows: list, ks, ms) -> str:
-    """Rows of (label, metrics, intervals) as a Table-1-shaped table, in %: Pass@k | Pass@K^(m)."""
+GREEDY = "greedy@1"
+
+
+def greedy_metrics(metrics: dict, intervals: dict) -> tuple:
+    """One greedy (temperature 0) sample per problem: its pass rate is the paper's reading of Pass@1 (Fig. 2),
+    reported under its own name so that it is never confused with the sampled, unbiased pass@1."""
+    return {GREEDY: metrics["pass@1"]}, ({GREEDY: intervals["pass@1"]} if "pass@1" in intervals else {})
+
+
+def format_table(rows: list, ks, ms, cols=None) -> str:
+    """Rows of (label, metrics, intervals) as a Table-1-shaped table, in %: Pass@k | Pass@K^(m) (or `cols`)."""
     K = max(ks)
-    cols = [f"pass@{k}" for k in ks] + [f"pass@{K}^({m})" for m in ms]
-    heads = [f"Pass@{k}" for k in ks] + [f"Pass@{K}^({m})" for m in ms]
+    cols = cols or [f"pass@{k}" for k in ks] + [f"pass@{K}^({m})" for m in ms]
+    heads = [c[0].upper() + c[1:] for c in cols]
     out = ["| run | " + " | ".join(heads) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, met, iv in rows:
         cells = []
@@ -328,6 +337,9 @@ def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Pa
     if missing:
         raise UsageError(f"{samples_path}: {len(missing)} of {len(by_id)} problems have no samples (first: "
                          f"{missing[0]}); generate them (--generate) or restrict with --limit")
+    if args.greedy and max(counts.values()) > 1:
+        raise UsageError(f"{samples_path}: --greedy scores one sample per problem but some have "
+                         f"{max(counts.values())}")
     K = max(args.k)
     short = [(t, n) for t, n in counts.items() if n < K]
     if short:
@@ -349,6 +361,8 @@ def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Pa
         correct[r["task_id"]] += res.passed
     per = [(counts[t], correct[t]) for t in by_id]
     metrics, intervals = compute_metrics(per, args.k, args.m, args.bootstrap, args.seed)
+    if args.greedy:
+        metrics, intervals = greedy_metrics(metrics, intervals)
     outcomes = {o: 0 for o in sandbox.OUTCOMES}
     for res in results:
         outcomes[res.outcome] += 1
@@ -394,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the problems (0: none)")
     g = ap.add_argument_group("generation (--generate)")
     g.add_argument("--generate", action="store_true", help="generate the missing samples with the model first")
+    g.add_argument("--greedy", action="store_true", help="one greedy sample per problem (temperature 0, n = 1), "
+                   "reported as greedy@1, the paper's reading of Pass@1 (Fig. 2); sets --n 1 --temperature 0 --k 1 "
+                   "and no --m")
     g.add_argument("--model", type=Path, help="HF checkpoint folder (default: model.default_model_path())")
     g.add_argument("--adapter", type=Path, help="LoRA adapter folder (PEFT format) from train.py")
     g.add_argument("--template", choices=("chatml", "deepseek", "codellama", "alpaca"),
@@ -409,8 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.greedy:
+        args.n, args.temperature, args.k, args.m = 1, [0.0], [1], []
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         if (args.model or args.adapter or args.template) and not args.generate:
             raise UsageError("--model/--adapter/--template only apply with --generate")
@@ -442,7 +466,7 @@ def main(argv=None) -> int:
     except (UsageError, RuntimeError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(rows, args.k, args.m))
+    print(format_table(rows, args.k, args.m, [GREEDY] if args.greedy else None))
     if study:                                                    # Fig. 6: Pass@k^(k) per temperature
         names = [f"pass@{k}^({k})" for k in args.k if k > 1]
         print("temperature | " + " | ".join(n.replace("pass", "Pass") for n in names))

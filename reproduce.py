@@ -1,0 +1,1025 @@
+"""The paper's study by one command: Sections 3-5 as a staged, resumable pipeline over the project's modules.
+
+    python reproduce.py --preset laptop                 # the default model on the CPU; writes results/laptop/
+    python reproduce.py --preset paper --model DIR --data ORIGEN.jsonl     # Appendix C.1/C.2 as written, on GPUs
+    python reproduce.py --preset smoke                  # a tiny random checkpoint: the wiring, in seconds
+    python reproduce.py --preset laptop --dry-run       # the stage plan with each stage's estimated cost
+
+Runs (one adapter each, same data, seed and step budget):
+    base       the model before fine-tuning
+    ft         FT, Eq. (1)
+    ibft       IB-FT, Eq. (IB-FT) with the bottleneck at --layer
+    ibft_raw   IB-FT with the paper-faithful raw q_phi input (--ib-raw-input): our deviation, measured
+    mink<p>    FT on the data without its p% most memorized examples by p0 (Fig. 4; mink20 = Table 1's FT w/ Min-K%)
+    grand      FT on the 80% of the data with the highest GraNd scores (Table 1's FT w/ GRAND)
+
+Stages, each writing under results/<preset>/<stage>/ and skipped once its stage.json says complete:
+    split          a fixed training subset and a held-out split of the same data (record indices, no text copied)
+    score_base     Fig. 3's p0 (Min-20% Prob of the training set on the base model) and p2 (TOFU on the base model),
+                   with every example's NLL for the mechanism study
+    train_<run>    train.train; resumes from its last checkpoint
+    score_<run>    Fig. 3's p1 and the NLLs on the fine-tuned model
+    eval_<run>     Table 1, Fig. 2: greedy@1 and n samples at T (Pass@k, Pass@k^(m)); generation resumes per problem
+    geometry       Fig. 5: l2 distance and angle between the most and least memorized examples at --layer
+    temps_<run>    Fig. 6: the other sampling temperatures
+    report         tables, figures and RESULTS.md from whatever stages are complete (always rerun)
+
+Adapters, checkpoints and the materialized data subsets live in results/<preset>/work/ (not committed).
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line `reproduce.py: error: ...`, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Preset:
+    name: str
+    data: Optional[str]                 # instruction/response data (None: --data is required)
+    n_train: Optional[int]              # training examples (None: all but the held-out ones)
+    n_heldout: int                      # held-out examples of the same data, never trained on
+    max_len: int                        # examples longer than this many tokens are not selected
+    epochs: float
+    batch_size: int                     # global batch = per-process batch here (one process, no accumulation)
+    lr: float
+    lora_r: int
+    lora_alpha: float
+    alpha: float                        # Eq. (IB-FT)
+    beta: float                         # Eq. (6)
+    layer: int                          # l*, also Fig. 5's layer
+    benchmarks: tuple
+    ks: tuple = (1, 5, 10)
+    ms: tuple = (2, 5, 10)
+    n: int = 10                         # samples per problem (Appendix C.2)
+    temperature: float = 0.2
+    temperatures: tuple = (0.2, 0.6, 1.0)   # Fig. 6
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    problems: Optional[int] = None      # the first N problems of each benchmark (None: all)
+    n_tofu: int = 200                   # TOFU question/answer pairs for p2
+    removals: tuple = (0.1, 0.2, 0.3, 0.4)  # Fig. 4
+    grand_seeds: int = 3
+    gen_batch: int = 64
+    pairs: int = 1000                   # Fig. 5
+    model: Optional[str] = None         # None: the embedded default (smoke: a tiny random checkpoint)
+    seed: int = 0
+    core: tuple = ()                    # stages run by default; --stages all adds the rest
+    rates: dict = field(default_factory=dict)   # for --dry-run: tokens/s of scoring, training, generation
+
+
+CORE = ("split", "score_base", "train_ft", "train_ibft", "eval_base", "eval_ft", "eval_ibft", "score_ft",
+        "score_ibft", "geometry", "train_ibft_raw", "score_ibft_raw")
+
+PRESETS = {
+    # Evol-CodeAlpaca-V1's setting of Appendix C.1 (lr 1e-4, LoRA alpha 64, beta 0.01) on its stand-in, scored on
+    # HumanEval as Table A1 is. Rates: measured on this project's 2-core CPU (fp32; see README "Performance").
+    "laptop": Preset(
+        name="laptop", data=str(SHARED_DATA / "train" / "python_instruct.jsonl"), n_train=160, n_heldout=80,
+        max_len=512, epochs=3, batch_size=4, lr=1e-4, lora_r=32, lora_alpha=64, alpha=0.1, beta=0.01, layer=20,
+        benchmarks=("humaneval",), core=CORE,
+        rates={"score": 480.0, "train": 240.0, "generate": 150.0, "tokens_per_sample": 150, "where": "measured, 2-core CPU"}),
+    # Appendix C.1 (OriGen) and C.2 as written: a user's 7B checkpoint and OriGen-format data on GPUs.
+    "paper": Preset(
+        name="paper", data=None, n_train=None, n_heldout=1000, max_len=2048, epochs=3, batch_size=4, lr=5e-5,
+        lora_r=32, lora_alpha=32, alpha=0.1, beta=0.02, layer=20,
+        benchmarks=("verilogeval-human", "verilogeval-machine"), n_tofu=4000, core=CORE + tuple(
+            f"{s}_{r}" for r in ("mink20", "grand") for s in ("train", "eval")),
+        rates={"score": 20000.0, "train": 3000.0, "generate": 1500.0, "tokens_per_sample": 300,
+               "where": "assumed for one A100-80GB and a 7B model, not measured"}),
+    # The wiring on a tiny random checkpoint: every stage, in seconds.
+    "smoke": Preset(
+        name="smoke", data=str(ROOT / "data" / "default_instruct.jsonl"), n_train=16, n_heldout=8, max_len=256,
+        epochs=1, batch_size=4, lr=1e-3, lora_r=4, lora_alpha=8, alpha=0.1, beta=0.02, layer=2,
+        benchmarks=("humaneval",), ks=(1, 2), ms=(2,), n=2, temperatures=(0.2, 1.0), max_new_tokens=8,
+        problems=2, n_tofu=8, removals=(0.25,), grand_seeds=1, gen_batch=8, pairs=50, model="tiny",
+        rates={"score": 20000.0, "train": 5000.0, "generate": 500.0, "tokens_per_sample": 8, "where": "rough"}),
+}
+
+# Every run of the study: what train.py gets beyond the preset, and its label in the tables.
+LABELS = {"base": "base", "ft": "+ FT", "ibft": "+ IB-FT", "ibft_raw": "+ IB-FT (raw q_phi input)",
+          "grand": "+ FT w/ GRAND"}
+
+
+def runs(p: Preset) -> list:
+    return ["base", "ft", "ibft", "ibft_raw", "grand"] + [f"mink{round(100 * r)}" for r in p.removals]
+
+
+def label(run: str) -> str:
+    return LABELS.get(run) or f"+ FT w/ Min-K% (-{run[4:]}%)"
+
+
+def train_flags(p: Preset, run: str, n_ft_steps: int) -> list:
+    """train.py flags of one run. Pruned runs keep FT's step budget: more epochs over fewer examples."""
+    flags = ["--method", "ibft" if run.startswith("ibft") else "ft", "--layer", str(p.layer),
+             "--epochs", str(p.epochs), "--batch-size", str(p.batch_size), "--lr", str(p.lr),
+             "--lora-r", str(p.lora_r), "--lora-alpha", str(p.lora_alpha), "--alpha", str(p.alpha),
+             "--beta", str(p.beta), "--max-len", str(p.max_len), "--seed", str(p.seed)]
+    if run == "ibft_raw":
+        flags.append("--ib-raw-input")
+    keep = 0.8 if run == "grand" else (1 - int(run[4:]) / 100 if run.startswith("mink") else 1.0)
+    if keep < 1:
+        flags[flags.index("--epochs") + 1] = str(p.epochs / keep)
+        flags += ["--max-steps", str(n_ft_steps)]
+    if run == "grand":
+        flags += ["--prune", "grand", "--keep", "0.8", "--grand-seeds", str(p.grand_seeds)]
+    return flags
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: atomic writes, stage metadata
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_text(path: Path, text: str):
+    """Write through a temporary file, then rename: a reader (or a rerun) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj):
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows):
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def versions() -> dict:
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "", False
+    return {"git_commit": commit or None, "git_dirty": dirty, "torch": torch.__version__,
+            "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study's context: paths shared by the stages
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Study:
+    preset: Preset
+    out: Path                           # results/<preset>
+    model_path: Path
+    data_path: Path
+    device: Optional[str] = None
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def run_dir(self, run: str) -> Path:
+        return self.work / "runs" / run
+
+    def adapter(self, run: str) -> Optional[Path]:
+        return None if run == "base" else self.run_dir(run)
+
+    def split_file(self, part: str) -> Path:
+        return self.work / "data" / f"{part}.jsonl"
+
+
+def tofu_path() -> Optional[Path]:
+    path = SHARED_DATA / "tofu" / "full.jsonl"
+    return path if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage: split (the training subset and the held-out split; indices only, the text stays where it is)
+# ----------------------------------------------------------------------------------------------------------------
+
+def stage_split(s: Study, d: Path):
+    import train
+    from model import load_tokenizer
+    p = s.preset
+    records = train.read_records(s.data_path)
+    fields = train.pick_fields(records, None, None, s.data_path)
+    tok = load_tokenizer(s.model_path)
+    order = np.random.default_rng(p.seed).permutation(len(records)).tolist()     # a fixed, seeded subset
+    chosen, lengths = [], {}
+    need = (p.n_train or len(records)) + p.n_heldout
+    for i in order:
+        r = records[i]
+        if not isinstance(r.get(fields[1]), str) or not r[fields[1]].strip():
+            continue
+        prompt, response = tok.encode_example(str(r[fields[0]]), r[fields[1]])
+        if len(prompt) + len(response) <= p.max_len:                              # no example is truncated
+            chosen.append(i)
+            lengths[i] = len(prompt) + len(response)
+        if len(chosen) == need:
+            break
+    if len(chosen) < p.n_heldout + 2 * p.batch_size:
+        raise UsageError(f"{s.data_path}: only {len(chosen)} examples fit --max-len {p.max_len}")
+    heldout, train_idx = chosen[:p.n_heldout], chosen[p.n_heldout:]
+    for part, idx in (("train", train_idx), ("heldout", heldout)):
+        write_jsonl(s.split_file(part), [{"instruction": records[i][fields[0]], "response": records[i][fields[1]],
+                                          "_record": i} for i in idx])
+    digest = hashlib.sha256(s.data_path.read_bytes()).hexdigest()
+    write_json(d / "split.json", {
+        "data": str(s.data_path), "sha256": digest, "records": len(records), "fields": list(fields),
+        "rule": f"seeded permutation (numpy default_rng({p.seed})) of the records, keeping those of at most "
+                f"{p.max_len} tokens; the first {p.n_heldout} are held out, the next {len(train_idx)} are trained on",
+        "train": train_idx, "heldout": heldout,
+        "train_tokens": sum(lengths[i] for i in train_idx), "heldout_tokens": sum(lengths[i] for i in heldout)})
+    return f"{len(train_idx)} training and {len(heldout)} held-out examples"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages: score_<run> (Min-K% and NLL per example: Fig. 3 and the mechanism study)
+# ----------------------------------------------------------------------------------------------------------------
+
+def score_rows(model, tok, examples, prompt_field, response_field, batch_size) -> list:
+    """Per example: Min-20% Prob (Sec. 3), the mean NLL of the response tokens, and their count."""
+    import mink
+    rows, start = mink.encode_examples(tok, examples, prompt_field=prompt_field, response_field=response_field)
+    values = mink.token_logprobs(model, rows, start, batch_size)
+    return [{"mink": mink.min_k(v, mink.K_PERCENT), "nll": -float(v.mean()), "tokens": v.numel()} for v in values]
+
+
+def stage_score(s: Study, d: Path, run: str):
+    import mink
+    model, tok = mink.load_scored_model(s.model_path, s.adapter(run), device=s.device)
+    bs = mink.default_batch_size(model)
+    out = []
+    for part in ("train", "heldout"):
+        examples = read_jsonl(s.split_file(part))
+        for i, r in enumerate(score_rows(model, tok, examples, "instruction", "response", bs)):
+            out.append({"split": part, "index": i, "record": examples[i]["_record"], **r})
+    write_jsonl(d / "scores.jsonl", out)
+    msg = f"{len(out)} examples scored"
+    tofu = tofu_path()
+    if run == "base" and tofu is not None:                                        # p2: the reference set
+        qa = read_jsonl(tofu)[:s.preset.n_tofu]
+        ref = score_rows(model, tok, qa, "question", "answer", bs)
+        write_jsonl(d / "tofu.jsonl", [{"index": i, **r} for i, r in enumerate(ref)])
+        msg += f", {len(ref)} TOFU pairs"
+    elif run == "base":
+        msg += "; no TOFU (../shared/data/tofu/full.jsonl not found): p2 is left out"
+    return msg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages: train_<run>
+# ----------------------------------------------------------------------------------------------------------------
+
+def ft_steps(s: Study) -> int:
+    """FT's optimizer steps: the budget every run of the study gets."""
+    import train
+    n = len(read_jsonl(s.split_file("train")))
+    return len(train.micro_batches(n, s.preset.batch_size, 1, s.preset.epochs, s.preset.seed))
+
+
+def stage_train(s: Study, d: Path, run: str):
+    import train
+    data = s.split_file("train")
+    if run.startswith("mink"):                          # drop the most memorized examples by p0 (Fig. 4)
+        import mink
+        scores = [r["mink"] for r in read_jsonl(s.stage_dir("score_base") / "scores.jsonl") if r["split"] == "train"]
+        examples = read_jsonl(data)
+        kept = mink.prune_indices(scores, int(run[4:]) / 100)
+        data = s.work / "data" / f"train_{run}.jsonl"
+        write_jsonl(data, [examples[i] for i in kept])
+        write_json(d / "kept.json", {"removed_fraction": int(run[4:]) / 100, "kept_indices": kept})
+    run_dir = s.run_dir(run)
+    flags = train_flags(s.preset, run, ft_steps(s)) + [
+        "--model", str(s.model_path), "--data", str(data), "--out", str(run_dir), "--save-every", "10"]
+    if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
+        flags.append("--resume")
+    train.train(train.parse_args(flags))
+    for name in ("metrics.jsonl", "config.json"):
+        write_text(d / name, (run_dir / name).read_text())
+    m = read_jsonl(d / "metrics.jsonl")
+    return f"{len(m)} steps, loss {m[0]['loss']:.4f} -> {m[-1]['loss']:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages: eval_<run> and temps_<run> (evaluate.py's functions; samples and per-sample results kept)
+# ----------------------------------------------------------------------------------------------------------------
+
+def evaluate_run(s: Study, d: Path, run: str, temperature: float, greedy: bool = False) -> list:
+    import evaluate as E
+    import sandbox
+    p = s.preset
+    msgs = []
+    for bench in p.benchmarks:
+        tag = "greedy" if greedy else f"T{temperature:g}"
+        samples, out = d / f"{bench}.{tag}.samples.jsonl", d / f"{bench}.{tag}.results.json"
+        argv = ["--benchmark", bench, "--samples", str(samples), "--out", str(out), "--generate",
+                "--model", str(s.model_path), "--n", str(p.n), "--temperature", str(temperature),
+                "--top-p", str(p.top_p), "--max-new-tokens", str(p.max_new_tokens), "--batch-size", str(p.gen_batch),
+                "--seed", str(p.seed), "--k", *map(str, p.ks), "--m", *map(str, p.ms)]
+        argv += ["--adapter", str(s.adapter(run))] if run != "base" else []
+        argv += ["--limit", str(p.problems)] if p.problems else []
+        argv += ["--device", s.device] if s.device else []
+        args = E.parse_args(argv + (["--greedy"] if greedy else []))
+        every = E.load_problems(bench)
+        problems, ids = every[:p.problems], {q["task_id"] for q in every}
+        E.generate_samples(args, bench, problems, samples, args.temperature[0], ids)
+        rep = E.score(args, bench, problems, samples, out, sandbox.Sandbox(), ids)
+        msgs.append(f"{bench} {tag}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in rep["metrics"].items()))
+    return msgs
+
+
+def stage_eval(s: Study, d: Path, run: str):
+    return "; ".join(evaluate_run(s, d, run, 0.0, greedy=True) + evaluate_run(s, d, run, s.preset.temperature))
+
+
+def stage_temps(s: Study, d: Path, run: str):
+    return "; ".join(m for t in s.preset.temperatures if t != s.preset.temperature for m in evaluate_run(s, d, run, t))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage: geometry (Fig. 5)
+# ----------------------------------------------------------------------------------------------------------------
+
+def stage_geometry(s: Study, d: Path):
+    import mink
+    p = s.preset
+    scores = [r["mink"] for r in read_jsonl(s.stage_dir("score_base") / "scores.jsonl") if r["split"] == "train"]
+    examples = read_jsonl(s.split_file("train"))
+    most, least = mink.memorization_groups(scores, 0.2)
+    pairs = mink.draw_pairs(most, least, p.pairs, p.seed)
+    chosen = most + least
+    index_of = {i: j for j, i in enumerate(chosen)}
+    out = {"layer": p.layer, "groups": {"most": most, "least": least}, "pairs": p.pairs, "runs": {}}
+    for run in ("base", "ft", "ibft"):
+        model, tok = mink.load_scored_model(s.model_path, s.adapter(run), device=s.device)
+        rows, starts = mink.encode_examples(tok, [examples[i] for i in chosen])
+        hidden = mink.pooled_hidden(model, rows, p.layer, starts, mink.default_batch_size(model))
+        l2, angle = mink.pair_geometry(hidden, pairs, index_of)
+        out["runs"][run] = {"l2": [round(float(x), 4) for x in l2], "angle": [round(float(x), 4) for x in angle]}
+        del model
+    write_json(d / "geometry.json", out)
+    return ", ".join(f"{r}: l2 median {np.median(v['l2']):.1f}, angle median {np.median(v['angle']):.1f}"
+                     for r, v in out["runs"].items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan: stages, dependencies, cost estimates
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str
+    fn: Callable                        # fn(study, stage_dir) -> one-line summary
+    deps: tuple
+    what: str                           # where it is in the paper
+
+
+def plan(p: Preset) -> list:
+    stages = [Stage("split", stage_split, (), "data"),
+              Stage("score_base", lambda s, d: stage_score(s, d, "base"), ("split",), "Fig. 3 p0, p2; mechanism")]
+    for run in runs(p)[1:]:
+        deps = ("split", "score_base") if run.startswith("mink") else ("split",)
+        stages.append(Stage(f"train_{run}", lambda s, d, r=run: stage_train(s, d, r), deps, f"train {label(run)}"))
+    for run in runs(p):
+        dep = () if run == "base" else (f"train_{run}",)
+        stages.append(Stage(f"eval_{run}", lambda s, d, r=run: stage_eval(s, d, r), dep, "Table 1, Fig. 2, Fig. 4"))
+    for run in ("ft", "ibft", "ibft_raw"):
+        stages.append(Stage(f"score_{run}", lambda s, d, r=run: stage_score(s, d, r), (f"train_{run}",),
+                            "Fig. 3 p1; mechanism"))
+    stages.append(Stage("geometry", stage_geometry, ("score_base", "train_ft", "train_ibft"), "Fig. 5"))
+    for run in ("base", "ft", "ibft"):
+        dep = () if run == "base" else (f"train_{run}",)
+        stages.append(Stage(f"temps_{run}", lambda s, d, r=run: stage_temps(s, d, r), dep, "Fig. 6"))
+    return stages
+
+
+def estimate_minutes(s: Study, stage: str) -> float:
+    """Rough cost from the preset's rates and the data's token counts (split.json, or a guess before it exists)."""
+    p, r = s.preset, s.preset.rates
+    split = s.stage_dir("split") / "split.json"
+    if split.exists():
+        sp = read_json(split)
+        train_tok, held_tok = sp["train_tokens"], sp["heldout_tokens"]
+    else:
+        n_train = p.n_train or 10000
+        train_tok, held_tok = n_train * 0.75 * p.max_len, p.n_heldout * 0.75 * p.max_len
+    problems = p.problems or {"humaneval": 164, "verilogeval-human": 156, "verilogeval-machine": 143}
+    n_prob = sum(problems if isinstance(problems, int) else problems.get(b, 164) for b in p.benchmarks)
+    kind, _, run = stage.partition("_")
+    if kind == "split":
+        return 0.2
+    if kind == "score":
+        extra = p.n_tofu * 60 if run == "base" else 0
+        return (train_tok + held_tok + extra) / r["score"] / 60
+    if kind == "train":
+        grand = 1.5 * p.grand_seeds * train_tok / r["train"] if run == "grand" else 0
+        return (p.epochs * train_tok / r["train"] * (1.1 if run.startswith("ibft") else 1.0) + grand) / 60
+    if kind == "eval":
+        return n_prob * (p.n + 1) * r["tokens_per_sample"] / r["generate"] / 60
+    if kind == "temps":
+        return n_prob * p.n * (len(p.temperatures) - 1) * r["tokens_per_sample"] / r["generate"] / 60
+    if kind == "geometry":
+        return 3 * 0.4 * train_tok / r["score"] / 60
+    return 0.1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running stages: skip what is complete, record command line, versions and wall time
+# ----------------------------------------------------------------------------------------------------------------
+
+def is_complete(s: Study, stage: str) -> bool:
+    f = s.stage_dir(stage) / "stage.json"
+    return f.exists() and read_json(f).get("status") == "complete"
+
+
+def run_stage(s: Study, st: Stage, argv: list):
+    d = s.stage_dir(st.name)
+    d.mkdir(parents=True, exist_ok=True)
+    missing = [x for x in st.deps if not is_complete(s, x)]
+    if missing:
+        raise UsageError(f"stage {st.name} needs {', '.join(missing)} first (add them to --stages)")
+    print(f"\n== {st.name} ({st.what}) ==", flush=True)
+    t0 = time.time()
+    summary = st.fn(s, d)
+    wall = time.time() - t0
+    write_json(d / "stage.json", {"stage": st.name, "status": "complete", "summary": summary,
+                                  "command": " ".join(shlex.quote(a) for a in ["python", "reproduce.py", *argv]),
+                                  "versions": versions(), "wall_seconds": round(wall, 1),
+                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    print(f"== {st.name}: {summary} ({wall / 60:.1f} min)", flush=True)
+
+
+def resolve(args) -> Study:
+    p = PRESETS[args.preset]
+    out = Path(args.out) / p.name
+    data = Path(args.data) if args.data else (Path(p.data) if p.data else None)
+    if data is None:
+        raise UsageError(f"--preset {p.name} needs --data (instruction/response JSONL)")
+    if not data.is_file():
+        raise UsageError(f"--data {data}: no such file" + ("" if args.data else " (no ../shared here: pass --data)"))
+    if p.name == "smoke":
+        model_path = out / "work" / "tiny-model"
+        if not args.dry_run:
+            make_tiny_checkpoint(model_path)
+    elif args.model or p.model:
+        model_path = Path(args.model or p.model)
+    elif p.name == "paper":
+        raise UsageError("--preset paper needs --model (a 7B HF checkpoint folder)")
+    else:
+        from model import default_model_path
+        model_path = default_model_path()
+    return Study(preset=p, out=out, model_path=model_path, data_path=data.resolve(), device=args.device)
+
+
+def check_preset_unchanged(s: Study):
+    """A results folder belongs to one configuration: refuse to mix stages run under different settings."""
+    now = {"preset": asdict(s.preset), "model": str(s.model_path), "data": str(s.data_path)}
+    now["preset"].pop("rates")
+    f = s.out / "preset.json"
+    if f.exists():
+        before = read_json(f)
+        diff = sorted(k for k in set(before["preset"]) | set(now["preset"])
+                      if before["preset"].get(k) != now["preset"].get(k))
+        diff += [k for k in ("model", "data") if before[k] != now[k]]
+        if diff:
+            raise UsageError(f"{f}: this folder was made with other settings ({', '.join(diff)}); "
+                             f"use another --out or remove it")
+    else:
+        write_json(f, now)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The smoke preset's tiny random checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A 4-layer random Llama (hidden 64, GQA 4/2) with the default model's tokenizer, in HF layout. The tensor
+    names and shapes come from model.Transformer itself."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from safetensors.torch import save_file
+    from model import ModelArgs, Transformer, default_model_path
+    src = default_model_path()
+    vocab = read_json(src / "config.json")["vocab_size"]
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
+           "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(ModelArgs.from_config(cfg)).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: (1 + 0 * torch.randn(shape, generator=g)) if k.endswith("norm.weight")
+               else torch.randn(shape, generator=g) * 0.08 for k, shape in shapes.items() if k != "lm_head.weight"}
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    write_json(tmp / "config.json", cfg)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, tmp / name)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report: tables, figures and RESULTS.md from whatever stages are complete
+# ----------------------------------------------------------------------------------------------------------------
+
+# The paper's own numbers for the cells this study reproduces (Pass@1, 5, 10, Pass@10^(2), (5), (10), in %).
+PAPER = {
+    "humaneval": ("Table A1 (Evol-CodeAlpaca-V1, HumanEval)", {
+        "Llama-3-8B base": (29.09, 41.22, 46.95, 37.80, 28.66, 17.07),
+        "Llama-3-8B + FT": (56.70, 74.16, 79.27, 73.17, 62.80, 30.49),
+        "Llama-3-8B + IB-FT": (61.60, 75.44, 79.88, 73.78, 65.24, 37.20),
+        "DeepSeek-Coder-7B-v1.5 base": (44.33, 56.89, 62.20, 54.88, 45.12, 30.49),
+        "DeepSeek-Coder-7B-v1.5 + FT": (51.28, 64.10, 64.10, 63.46, 50.00, 32.05),
+        "DeepSeek-Coder-7B-v1.5 + IB-FT": (54.57, 67.30, 70.73, 67.07, 54.88, 39.63)}),
+    "verilogeval-human": ("Table 1 (OriGen, Eval-Human, DeepSeek-Coder-7B-Instruct-v1.5)", {
+        "base": (34.62, 42.09, 44.23, 42.31, 36.54, 24.36), "+ FT": (42.63, 54.60, 57.77, 54.49, 41.03, 27.56),
+        "+ FT w/ GRAND": (46.03, 52.48, 54.49, 52.57, 50.85, 43.59),
+        "+ FT w/ Min-K%": (50.89, 55.49, 56.41, 55.12, 51.92, 42.95),
+        "+ IB-FT": (51.99, 54.86, 55.77, 54.49, 51.92, 48.07)}),
+    "verilogeval-machine": ("Table 1 (OriGen, Eval-Machine, DeepSeek-Coder-7B-Instruct-v1.5)", {
+        "base": (56.47, 64.76, 67.13, 63.64, 58.74, 43.66), "+ FT": (67.83, 76.02, 76.92, 76.23, 72.73, 49.65),
+        "+ FT w/ GRAND": (72.73, 75.92, 76.92, 74.83, 72.73, 66.43),
+        "+ FT w/ Min-K%": (73.78, 75.70, 76.23, 75.52, 74.13, 68.52),
+        "+ IB-FT": (75.67, 78.51, 79.02, 78.32, 77.62, 69.23)}),
+}
+TABLE_RUNS = ("base", "ft", "mink20", "grand", "ibft", "ibft_raw")
+
+
+def _plt():
+    """matplotlib's pyplot (Agg) when installed, else None: figures are optional, the numbers never are."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def _save(fig, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    _plt().close(fig)
+
+
+def md_table(head: list, rows: list) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                     ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def per_problem_counts(results: dict) -> dict:
+    """task_id -> (n, c) from an evaluate.py results file."""
+    out = {}
+    for r in results["samples"]:
+        n, c = out.get(r["task_id"], (0, 0))
+        out[r["task_id"]] = (n + 1, c + (r["outcome"] == "passed"))
+    return out
+
+
+def paired_difference(a: dict, b: dict, metric: str, bootstrap: int = 2000, seed: int = 0) -> tuple:
+    """Mean over problems of metric(a) - metric(b), with a 95% bootstrap interval that resamples problems (paired:
+    both runs are scored on the same resampled problems)."""
+    import evaluate as E
+    ids = sorted(set(a) & set(b))
+    name = "pass@1" if metric == E.GREEDY else metric
+    d = np.array([E.per_problem(name, *a[t]) - E.per_problem(name, *b[t]) for t in ids])
+    idx = np.random.default_rng(seed).integers(0, len(ids), size=(bootstrap, len(ids)))
+    means = d[idx].mean(axis=1)
+    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+class Collected:
+    """Everything the complete stages wrote, read once."""
+
+    def __init__(self, s: Study):
+        self.s, self.p = s, s.preset
+        self.done = {st.name: read_json(s.stage_dir(st.name) / "stage.json") for st in plan(s.preset)
+                     if is_complete(s, st.name)}
+        self.scores = {run: read_jsonl(s.stage_dir(f"score_{run}") / "scores.jsonl")
+                       for run in ("base", "ft", "ibft", "ibft_raw") if f"score_{run}" in self.done}
+        tofu = s.stage_dir("score_base") / "tofu.jsonl"
+        self.tofu = read_jsonl(tofu) if "score_base" in self.done and tofu.exists() else None
+        self.metrics = {run: read_jsonl(s.stage_dir(f"train_{run}") / "metrics.jsonl")
+                        for run in runs(s.preset)[1:] if f"train_{run}" in self.done}
+
+    def results(self, run: str, bench: str, tag: str) -> Optional[dict]:
+        stage = "eval" if tag in ("greedy", f"T{self.p.temperature:g}") else "temps"
+        f = self.s.stage_dir(f"{stage}_{run}") / f"{bench}.{tag}.results.json"
+        return read_json(f) if f"{stage}_{run}" in self.done and f.exists() else None
+
+
+def section_fig3(c: Collected, figs: Path) -> tuple:
+    import mink
+    if "base" not in c.scores:
+        return None, {}
+    train = {run: [r["mink"] for r in rows if r["split"] == "train"] for run, rows in c.scores.items()}
+    named = {"p0: train set, base": train["base"]}
+    named.update({f"p1: train set, {label(r)[2:]}": v for r, v in train.items() if r != "base"})
+    if c.tofu:
+        named["p2: TOFU, base"] = [r["mink"] for r in c.tofu]
+    overlaps = {f"{a} / {b}": mink.overlap(named[a], named[b]) for a in named for b in named if a < b}
+    text = ["## Fig. 3: how much of the fine-tuning set the base model already predicts (Min-20% Prob)", "",
+            "Lower = more memorized. " + _fig3_sentence(named, overlaps), "", "```",
+            mink.quantile_table(named), "```", "", md_table(["pair", "overlap coefficient"],
+                                                              [[k, f"{v:.2f}"] for k, v in overlaps.items()])]
+    plt = _plt()
+    if plt:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        lo = min(min(v) for v in named.values())
+        hi = max(max(v) for v in named.values())
+        for name, xs in named.items():
+            ax.hist(xs, bins=np.linspace(lo, hi, 41), density=True, alpha=0.45, label=name)
+        ax.set_xlabel("Min-20% Prob (mean NLL of the 20% least likely tokens)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+        _save(fig, figs / "fig3_mink.png")
+        text += ["", "![Fig. 3](report/fig3_mink.png)"]
+    return "\n".join(text), {"quantiles": {k: np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist()
+                                           for k, v in named.items()}, "overlap": overlaps}
+
+
+def _fig3_sentence(named, overlaps) -> str:
+    p0 = "p0: train set, base"
+    out = f"The base model's median score on the training set is {np.median(named[p0]):.2f}"
+    p2 = [k for k in named if k.startswith("p2")]
+    if p2:
+        pair = f"{min(p0, p2[0])} / {max(p0, p2[0])}"
+        out += f" against {np.median(named[p2[0]]):.2f} on fictitious TOFU answers (overlap {overlaps[pair]:.2f})"
+    p1 = [k for k in named if k.startswith("p1")]
+    if p1:
+        out += "; after fine-tuning, " + ", ".join(f"{k[len('p1: train set, '):]} {np.median(named[k]):.2f}"
+                                                   for k in p1)
+    return out + "."
+
+
+def section_table1(c: Collected, figs: Path) -> tuple:
+    import evaluate as E
+    T = f"T{c.p.temperature:g}"
+    K = max(c.p.ks)
+    cols = [E.GREEDY] + [f"pass@{k}" for k in c.p.ks] + [f"pass@{K}^({m})" for m in c.p.ms]
+    text, numbers = [], {}
+    for bench in c.p.benchmarks:
+        rows, per = [], {}
+        for run in TABLE_RUNS:
+            greedy, sampled = c.results(run, bench, "greedy"), c.results(run, bench, T)
+            if not (greedy or sampled):
+                continue
+            met = {**(greedy["metrics"] if greedy else {}), **(sampled["metrics"] if sampled else {})}
+            iv = {**(greedy["intervals"] if greedy else {}), **(sampled["intervals"] if sampled else {})}
+            rows.append([label(run)] + [f"{100 * met[k]:.2f} [{100 * iv[k][0]:.1f}, {100 * iv[k][1]:.1f}]"
+                                        if k in met else "" for k in cols])
+            numbers[f"{bench}/{run}"] = {"metrics": met, "intervals": iv}
+            per[run] = {"greedy": per_problem_counts(greedy) if greedy else None,
+                        "sampled": per_problem_counts(sampled) if sampled else None}
+        if not rows:
+            continue
+        n_prob = len(next(iter(per.values()))["sampled"] or next(iter(per.values()))["greedy"])
+        text += [f"## Table 1: {bench}, {n_prob} problems, greedy@1 and n = {c.p.n} samples at T = {c.p.temperature}",
+                 "", "In %, with 95% bootstrap intervals over problems.", "",
+                 md_table(["run"] + [k[0].upper() + k[1:] for k in cols], rows), ""]
+        diffs = []
+        for a, b in (("ibft", "ft"), ("ft", "base"), ("ibft", "base"), ("ibft_raw", "ibft"), ("mink20", "ft"),
+                     ("grand", "ft")):
+            if a in per and b in per:
+                cells = []
+                for k in cols:
+                    kind = "greedy" if k == E.GREEDY else "sampled"
+                    if per[a][kind] and per[b][kind]:
+                        m, lo, hi = paired_difference(per[a][kind], per[b][kind], k)
+                        cells.append(f"{100 * m:+.2f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+                        numbers[f"{bench}/{a}-{b}/{k}"] = [m, lo, hi]
+                    else:
+                        cells.append("")
+                diffs.append([f"{label(a)[2:] if a != 'base' else 'base'} - {label(b)[2:] if b != 'base' else 'base'}"]
+                             + cells)
+        if diffs:
+            text += ["Differences in points, paired over problems (95% bootstrap interval; an interval that "
+                     "contains 0 is a difference this run cannot resolve):", "",
+                     md_table(["difference"] + [k[0].upper() + k[1:] for k in cols], diffs), ""]
+        if bench in PAPER:
+            title, ref = PAPER[bench]
+            text += [f"The paper's {title}, for comparison (sampled Pass@1; no greedy column):", "",
+                     md_table(["run", "Pass@1", "Pass@5", "Pass@10", "Pass@10^(2)", "Pass@10^(5)", "Pass@10^(10)"],
+                              [[k] + [f"{x:.2f}" for x in v] for k, v in ref.items()]), ""]
+    return ("\n".join(text) if text else None), numbers
+
+
+def section_fig2(c: Collected, figs: Path) -> Optional[str]:
+    """Greedy Pass@1 next to sampled Pass@k and Pass@k^(m) for base, FT and IB-FT."""
+    T = f"T{c.p.temperature:g}"
+    K = max(c.p.ks)
+    names = ["greedy@1"] + [f"pass@{k}" for k in c.p.ks] + [f"pass@{K}^({m})" for m in c.p.ms]
+    bars = {}
+    for run in ("base", "ft", "ibft"):
+        g, smp = c.results(run, c.p.benchmarks[0], "greedy"), c.results(run, c.p.benchmarks[0], T)
+        if g and smp:
+            bars[label(run)] = [100 * {**g["metrics"], **smp["metrics"]}[n] for n in names]
+    if not bars:
+        return None
+    text = [f"## Fig. 2: greedy decoding against sampling ({c.p.benchmarks[0]})", "",
+            "The paper's Fig. 2 reads a gap between greedy Pass@1 and sampled Pass@k as a sign of uncertain "
+            "fine-tuning. Here, in %:", "",
+            md_table(["run"] + names, [[k] + [f"{x:.2f}" for x in v] for k, v in bars.items()])]
+    plt = _plt()
+    if plt:
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        w = 0.8 / len(bars)
+        for j, (name, v) in enumerate(bars.items()):
+            ax.bar(np.arange(len(names)) + j * w, v, w, label=name)
+        ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names)
+        ax.set_ylabel("%")
+        ax.legend()
+        _save(fig, figs / "fig2_greedy_vs_sampled.png")
+        text += ["", "![Fig. 2](report/fig2_greedy_vs_sampled.png)"]
+    return "\n".join(text)
+
+
+def section_fig4(c: Collected, figs: Path) -> Optional[str]:
+    T = f"T{c.p.temperature:g}"
+    bench = c.p.benchmarks[0]
+    points = []
+    for pct, run in [(0, "ft")] + [(round(100 * r), f"mink{round(100 * r)}") for r in c.p.removals]:
+        g, smp = c.results(run, bench, "greedy"), c.results(run, bench, T)
+        if smp:
+            points.append((pct, (g or {}).get("metrics", {}).get("greedy@1"), smp["metrics"]))
+    if len(points) < 2:
+        return None
+    ks = [f"pass@{k}" for k in c.p.ks]
+    text = [f"## Fig. 4: FT without the most memorized examples ({bench})", "",
+            "Removal by p0 (lowest Min-20% Prob first); every run has FT's step budget. In %:", "",
+            md_table(["removed"] + ["greedy@1"] + ks,
+                     [[f"{pct}%", "" if g is None else f"{100 * g:.2f}"] + [f"{100 * m[k]:.2f}" for k in ks]
+                      for pct, g, m in points])]
+    plt = _plt()
+    if plt:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for k in ks:
+            ax.plot([x for x, _, _ in points], [100 * m[k] for _, _, m in points], marker="o", label=k)
+        ax.set_xlabel("most memorized examples removed (%)")
+        ax.set_ylabel("%")
+        ax.legend()
+        _save(fig, figs / "fig4_pruning.png")
+        text += ["", "![Fig. 4](report/fig4_pruning.png)"]
+    return "\n".join(text)
+
+
+def section_fig5(c: Collected, figs: Path) -> Optional[str]:
+    import mink
+    if "geometry" not in c.done:
+        return None
+    g = read_json(c.s.stage_dir("geometry") / "geometry.json")
+    l2 = {label(r): v["l2"] for r, v in g["runs"].items()}
+    ang = {label(r): v["angle"] for r, v in g["runs"].items()}
+    text = [f"## Fig. 5: most vs least memorized examples at layer {g['layer']}", "",
+            f"{g['pairs']} random pairs between the lowest and highest 20% of p0 "
+            f"({len(g['groups']['most'])} examples each); each example's hidden state is averaged over its response "
+            "tokens.", "", "l2 distance:", "```", mink.quantile_table(l2), "```", "", "angle (degrees):", "```",
+            mink.quantile_table(ang, digits=2), "```"]
+    plt = _plt()
+    if plt:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, (xlabel, named) in zip(axes, (("l2 distance", l2), ("angle (degrees)", ang))):
+            for name, xs in named.items():
+                ax.hist(xs, bins=40, density=True, alpha=0.45, label=name)
+            ax.set_xlabel(xlabel)
+            ax.legend(fontsize=8)
+        _save(fig, figs / "fig5_geometry.png")
+        text += ["", "![Fig. 5](report/fig5_geometry.png)"]
+    return "\n".join(text)
+
+
+def section_fig6(c: Collected, figs: Path) -> Optional[str]:
+    bench = c.p.benchmarks[0]
+    names = [f"pass@{k}^({k})" for k in c.p.ks if k > 1]
+    rows, series = [], {}
+    for run in ("base", "ft", "ibft"):
+        for t in c.p.temperatures:
+            r = c.results(run, bench, f"T{t:g}")
+            if r:
+                rows.append([label(run), f"{t:g}"] + [f"{100 * r['metrics'][n]:.2f}" for n in names])
+                series.setdefault(run, []).append((t, [100 * r["metrics"][n] for n in names]))
+    if not any(len(v) > 1 for v in series.values()):
+        return None
+    text = [f"## Fig. 6: temperature ({bench})", "", "Pass@k^(k): all k samples must pass. In %:", "",
+            md_table(["run", "T"] + names, rows)]
+    plt = _plt()
+    if plt:
+        fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+        for j, n in enumerate(names):
+            for run, pts in series.items():
+                axes[0][j].plot([t for t, _ in pts], [v[j] for _, v in pts], marker="o", label=label(run))
+            axes[0][j].set_title(n)
+            axes[0][j].set_xlabel("temperature")
+            axes[0][j].legend(fontsize=8)
+        _save(fig, figs / "fig6_temperature.png")
+        text += ["", "![Fig. 6](report/fig6_temperature.png)"]
+    return "\n".join(text)
+
+
+def section_mechanism(c: Collected, figs: Path) -> tuple:
+    """Per memorization quintile of p0: how much each run lowered the training NLL; and the train/held-out gap."""
+    if "base" not in c.scores:
+        return None, {}
+    base = [r for r in c.scores["base"] if r["split"] == "train"]
+    order = sorted(range(len(base)), key=lambda i: (base[i]["mink"], i))
+    quint = np.array_split(np.array(order), 5)                       # Q1 = most memorized (lowest Min-K%)
+    numbers, rows = {"quintiles": {}, "gap": {}}, []
+    fine = [r for r in ("ft", "ibft", "ibft_raw") if r in c.scores]
+    for q, idx in enumerate(quint, 1):
+        b = np.mean([base[i]["nll"] for i in idx])
+        cells = [f"Q{q}", f"{np.mean([base[i]['mink'] for i in idx]):.2f}", f"{b:.3f}"]
+        for run in fine:
+            tr = [r for r in c.scores[run] if r["split"] == "train"]
+            drop = b - np.mean([tr[i]["nll"] for i in idx])
+            cells.append(f"{drop:.3f}")
+            numbers["quintiles"].setdefault(run, []).append(drop)
+        rows.append(cells)
+    spread = {run: max(v) - min(v) for run, v in numbers["quintiles"].items()}
+    text = ["## The mechanism: does IB-FT treat memorized and unmemorized data more equally?", "",
+            "Training examples split into quintiles by p0 (Q1 = most memorized). Mean response NLL (nats/token) on "
+            "the base model, and how much each run lowered it:", "",
+            md_table(["quintile", "p0 mean", "base NLL"] + [f"drop, {label(r)[2:]}" for r in fine], rows), ""]
+    if spread:
+        text += ["Spread of the drop across quintiles (max - min; smaller = more equal): " +
+                 ", ".join(f"{label(r)[2:]} {v:.3f}" for r, v in spread.items()) + ".", ""]
+    gap_rows = []
+    for run, rows_ in c.scores.items():
+        tr = np.mean([r["nll"] for r in rows_ if r["split"] == "train"])
+        ho = np.mean([r["nll"] for r in rows_ if r["split"] == "heldout"])
+        numbers["gap"][run] = {"train": tr, "heldout": ho, "gap": ho - tr}
+        gap_rows.append([label(run), f"{tr:.3f}", f"{ho:.3f}", f"{ho - tr:+.3f}"])
+    text += ["Generalization gap: mean response NLL on the training split and on the held-out split of the same "
+             "data:", "", md_table(["run", "train NLL", "held-out NLL", "gap"], gap_rows)]
+    numbers["spread"] = spread
+    plt = _plt()
+    if plt and c.metrics:
+        keys = [k for k in ("ce", "kl", "ce_ib") if any(m[0].get(k) for m in c.metrics.values())]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            for run, m in c.metrics.items():
+                if run in ("ft", "ibft", "ibft_raw") and (k == "ce" or run.startswith("ibft")):
+                    ax.plot([x["step"] for x in m], [x[k] for x in m], label=label(run)[2:], lw=1)
+            ax.set_title(k)
+            ax.set_xlabel("step")
+            ax.set_yscale("log" if k == "kl" else "linear")
+            ax.legend(fontsize=8)
+        _save(fig, figs / "training_curves.png")
+        text += ["", "Training curves (CE, KL, CE_IB per optimizer step, from metrics.jsonl):", "",
+                 "![training curves](report/training_curves.png)"]
+    return "\n".join(text), numbers
+
+
+def write_report(s: Study):
+    c = Collected(s)
+    figs = s.out / "report"
+    p = s.preset
+    head = [f"# Results: preset `{p.name}`", "",
+            f"Written by `python reproduce.py --preset {p.name}` from the stages complete so far. Model: "
+            f"`{s.model_path.name}`; data: `{s.data_path.name}`; every number below is recomputable from the files "
+            "in this folder (per-sample results and samples beside each evaluation).", "",
+            "Settings: " + ", ".join(f"{k} {getattr(p, k)}" for k in (
+                "n_train", "n_heldout", "max_len", "epochs", "batch_size", "lr", "lora_r", "lora_alpha", "alpha",
+                "beta", "layer", "n", "temperature", "top_p", "max_new_tokens")) + "."]
+    sections, numbers = [], {}
+    for fn in (section_table1, section_fig3, section_mechanism):
+        text, nums = fn(c, figs)
+        if text:
+            sections.append(text)
+            numbers[fn.__name__[len("section_"):]] = nums
+    for fn in (section_fig2, section_fig4, section_fig5, section_fig6):
+        text = fn(c, figs)
+        if text:
+            sections.append(text)
+    stage_rows = [[name, f"{meta['wall_seconds'] / 60:.1f}", meta["versions"].get("git_commit", "")[:8] +
+                   ("+" if meta["versions"].get("git_dirty") else ""), meta["summary"]] for name, meta in c.done.items()]
+    pending = [st.name for st in plan(p) if st.name not in c.done]
+    tail = ["## Stages", "", md_table(["stage", "minutes", "commit", "summary"], stage_rows), "",
+            "Not run yet: " + (", ".join(pending) if pending else "none") + "."]
+    write_text(s.out / "RESULTS.md", "\n\n".join(["\n".join(head)] + sections + ["\n".join(tail)]) + "\n")
+    write_json(figs / "report.json", numbers)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--model", help="HF checkpoint folder (laptop: the embedded default; paper: required)")
+    ap.add_argument("--data", help="instruction/response JSONL (laptop: ../shared/data/train/python_instruct.jsonl)")
+    ap.add_argument("--out", default="results", help="results folder; the preset's go to OUT/<preset>/")
+    ap.add_argument("--stages", default="core", help="comma-separated stage names, 'core' (the preset's default) or "
+                    "'all'; `report` always runs last")
+    ap.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage (repeatable)")
+    ap.add_argument("--dry-run", action="store_true", help="print the stage plan with estimated minutes, run nothing")
+    ap.add_argument("--device", help="torch device (default: CUDA when available, else the CPU)")
+    return ap.parse_args(argv)
+
+
+def select(p: Preset, spec: str, stages: list) -> list:
+    names = [st.name for st in stages]
+    if spec == "all":
+        wanted = names
+    else:
+        wanted = []
+        for item in spec.split(","):
+            item = item.strip()
+            if item == "core":
+                wanted += list(p.core or names)
+            elif item == "report":
+                continue
+            elif item not in names:
+                raise UsageError(f"--stages: unknown stage '{item}' (stages: {', '.join(names)}, report, core, all)")
+            else:
+                wanted.append(item)
+    order = {n: i for i, n in enumerate(p.core + tuple(n for n in names if n not in p.core))}
+    return [st for st in sorted(stages, key=lambda st: order[st.name]) if st.name in set(wanted)]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+        s = resolve(args)
+        stages = plan(s.preset)
+        chosen = select(s.preset, args.stages, stages)
+        unknown = [f for f in args.force if f not in {st.name for st in stages}]
+        if unknown:
+            raise UsageError(f"--force: unknown stage '{unknown[0]}'")
+        if args.dry_run:
+            print(f"preset {s.preset.name}: model {s.model_path}, data {s.data_path}, out {s.out}")
+            print(f"rates ({s.preset.rates['where']}): " + ", ".join(
+                f"{k} {v:g} tok/s" for k, v in s.preset.rates.items() if k in ("score", "train", "generate")))
+            total = 0.0
+            for st in chosen:
+                done = is_complete(s, st.name) and st.name not in args.force
+                est = estimate_minutes(s, st.name)
+                total += 0 if done else est
+                print(f"  {st.name:<16} {'done' if done else f'~{est:6.1f} min':>12}  {st.what}")
+            print(f"  {'total':<16} {f'~{total:6.1f} min':>12}  (then: report)")
+            return 0
+        check_preset_unchanged(s)
+        for st in chosen:
+            if st.name in args.force:                 # redo from nothing: no resumed samples or checkpoints
+                shutil.rmtree(s.stage_dir(st.name), ignore_errors=True)
+                if st.name.startswith("train_"):
+                    shutil.rmtree(s.run_dir(st.name[len("train_"):]), ignore_errors=True)
+            elif is_complete(s, st.name):
+                print(f"== {st.name}: complete, skipped", flush=True)
+                continue
+            run_stage(s, st, argv)
+        print("\n== report ==", flush=True)
+        write_report(s)
+        print(f"wrote {s.out / 'RESULTS.md'}")
+    except UsageError as e:
+        print(f"reproduce.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
