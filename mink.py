@@ -332,8 +332,9 @@ def _histograms_png(path, panels, title):
 
 @torch.no_grad()
 def pooled_hidden(model, rows, layer: int, pool_from=None, batch_size=8) -> torch.Tensor:
-    """(N, H) float32: the output of block `layer` (hidden_states[l], as model(..., hidden_layer=l)) averaged over
-    each example's scored tokens, positions pool_from_i .. T_i - 1 (default 1: all but the first; padding excluded).
+    """(N, H) float32: the raw output of block `layer` (as model(..., hidden_layer=l): transformers' hidden_states[l]
+    for l < L; for l = L pre-norm, where transformers' last entry is normed), averaged over each example's scored
+    tokens, positions pool_from_i .. T_i - 1 (default 1: all but the first; padding excluded).
 
     Why not all tokens: the first position is an attention sink whose state is ~100x larger than the others
     (SmolLM2, layer 20: norm ~25000 vs ~200) and the template prefix is the same in every example, so a mean over

@@ -467,11 +467,11 @@ def is_complete(s: Study, stage: str) -> bool:
 
 
 def run_stage(s: Study, st: Stage, argv: list):
-    d = s.stage_dir(st.name)
-    d.mkdir(parents=True, exist_ok=True)
     missing = [x for x in st.deps if not is_complete(s, x)]
     if missing:
         raise UsageError(f"stage {st.name} needs {', '.join(missing)} first (add them to --stages)")
+    d = s.stage_dir(st.name)
+    d.mkdir(parents=True, exist_ok=True)
     print(f"\n== {st.name} ({st.what}) ==", flush=True)
     t0 = time.time()
     summary = st.fn(s, d)

@@ -17,7 +17,8 @@ One optimizer step (Alg. 1):
     clip gradients, AdamW step, cosine schedule step
 
 Token sums are divided by the token counts of the whole optimizer step (all micro-batches, all processes), so
-gradient accumulation and DDP compute exactly the gradient of one big batch.
+gradient accumulation and DDP compute exactly the gradient of one big batch. That batch (the paper's "batch size of 4")
+is --batch-size x processes x --grad-accum; --global-batch-size G sets it directly.
 RUN_DIR (--out) gets: adapter_model.safetensors + adapter_config.json (PEFT format), vib.safetensors, config.json
 (the resolved run config), metrics.jsonl, and checkpoint/ (resumable with --resume).
 """
@@ -66,10 +67,21 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/ibft", help="RUN_DIR")
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="examples per micro-batch PER PROCESS. The global batch of one optimizer step is batch-size x "
+                        "processes x grad-accum; the paper's batch of 4 is global (2 GPUs x 2 in the authors' code)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step, per process (derived when --global-batch-size is given)")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="examples per optimizer step over all processes and micro-batches (the paper's 'batch size "
+                        "of 4'); sets --grad-accum to G / (batch-size x processes), which must be a whole number")
+    p.add_argument("--lr", type=float, default=5e-5,
+                   help="peak learning rate (Appendix C.1 OriGen: 5e-5; the authors' released code runs 1e-4)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03,
+                   help="warmup steps = ceil(ratio x total steps) (paper: 0.03; the authors' released code runs 0.1)")
+    p.add_argument("--hf-warmup", action="store_true",
+                   help="HF's warmup lr x s/w for step s < w (the first step runs at lr 0) instead of ours, "
+                        "lr x (s+1)/(w+1)")
     p.add_argument("--adam-beta1", type=float, default=0.9)
     p.add_argument("--adam-beta2", type=float, default=0.999)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -81,16 +93,29 @@ def parse_args(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--alpha", type=float, default=0.1, help="IB weight alpha in Eq. (IB-FT)")
-    p.add_argument("--beta", type=float, default=0.02, help="IB trade-off beta in Eq. (6)")
+    p.add_argument("--alpha", type=float, default=0.1,
+                   help="IB weight alpha in Eq. (IB-FT) (paper: 0.1; the authors' released code runs 0.2)")
+    p.add_argument("--beta", type=float, default=0.02,
+                   help="IB trade-off beta in Eq. (6) (paper: 0.02 OriGen, 0.01 Evol-CodeAlpaca; the authors' released "
+                        "code runs 0.01)")
     p.add_argument("--bottleneck-dim", type=int, default=256, help="latent size d")
     p.add_argument("--kl-reduction", default="mean", choices=["mean", "sum"],
                    help="mean over latent dims and tokens (authors' code) or sum over dims")
+    p.add_argument("--kl-normalizer", default="real", choices=["real", "padded"],
+                   help="what the KL sum is divided by: real: the real (non-padding) tokens of the step; padded: "
+                        "micro-batch rows x --kl-pad-to, as the authors' code, whose KL mean runs over batches padded "
+                        "to 2048 tokens (an effective KL weight of about alpha x T_real / 2048). Either way x latent "
+                        "dims under --kl-reduction mean")
+    p.add_argument("--kl-pad-to", type=int, default=2048,
+                   help="the padded length per row that --kl-normalizer padded divides by (authors' code: 2048)")
     p.add_argument("--logvar-clamp", type=float, default=4.0, help="clamp log sigma^2 to [-c, c]; 0 disables")
     p.add_argument("--ib-head-norm", action="store_true", help="apply the final RMSNorm before the IB branch's LM head")
-    p.add_argument("--ib-raw-input", action="store_true", help="feed q_phi the raw hidden state (no RMS normalization)")
+    p.add_argument("--ib-raw-input", action="store_true",
+                   help="feed q_phi the raw hidden state, as the paper and the authors' code do (default: "
+                        "RMS-normalized, a choice of this implementation)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler (the paper's setting)")
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler (the paper's setting: "
+                        "'mixed float16 precision')")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint")
@@ -103,9 +128,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.method not in ("ft", "ibft"):
         raise UsageError(f"--method must be ft or ibft, got '{args.method}'")
-    for flag in ("batch_size", "grad_accum", "max_len", "lora_r", "bottleneck_dim"):
+    for flag in ("batch_size", "grad_accum", "max_len", "lora_r", "bottleneck_dim", "kl_pad_to"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.global_batch_size is not None and args.global_batch_size < 1:
+        raise UsageError("--global-batch-size must be >= 1")
+    if args.kl_normalizer == "padded" and args.kl_pad_to < args.max_len:
+        raise UsageError(f"--kl-pad-to {args.kl_pad_to} is shorter than --max-len {args.max_len}: every row is counted "
+                         f"as padded to --kl-pad-to tokens, so it must be >= --max-len")
     if not 0 < args.keep <= 1:
         raise UsageError("--keep must be in (0, 1]")
     return args
@@ -325,12 +355,15 @@ def clip_gradients(groups, max_norm):
     return float(total)
 
 
-def cosine_with_warmup(total_steps, warmup_ratio):
+def cosine_with_warmup(total_steps, warmup_ratio, hf=False):
+    """The lr factor of 0-based step s: linear warmup over w = ceil(ratio x total) steps, then cosine decay to 0.
+    Warmup is (s+1)/(w+1) here, so no step is wasted at lr 0; hf=True gives transformers'
+    get_cosine_schedule_with_warmup, s/w, whose first step runs at lr 0. From step w on both are identical."""
     warmup = math.ceil(total_steps * warmup_ratio)
 
     def f(step):
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return step / warmup if hf else (step + 1) / (warmup + 1)
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f
@@ -401,8 +434,24 @@ def write_json_atomic(path: Path, obj):
 # The run
 # ----------------------------------------------------------------------------------------------------------------
 
-RESUME_KEYS = ("method", "layer", "model", "data", "batch_size", "grad_accum", "lr", "epochs", "max_len", "seed",
-               "lora_r", "lora_alpha", "lora_dropout", "alpha", "beta", "bottleneck_dim", "prune", "keep")
+RESUME_KEYS = ("method", "layer", "model", "data", "batch_size", "grad_accum", "global_batch_size", "lr", "epochs",
+               "max_len", "seed", "lora_r", "lora_alpha", "lora_dropout", "alpha", "beta", "bottleneck_dim",
+               "kl_normalizer", "kl_pad_to", "hf_warmup", "prune", "keep")
+
+
+def resolve_grad_accum(args, world):
+    """Micro-batches per optimizer step per process: --grad-accum, or derived from --global-batch-size."""
+    if args.global_batch_size is None:
+        return args.grad_accum
+    per_micro = args.batch_size * world
+    if args.global_batch_size % per_micro:
+        raise UsageError(f"--global-batch-size {args.global_batch_size} is not a multiple of --batch-size "
+                         f"{args.batch_size} x {world} process(es) = {per_micro}")
+    accum = args.global_batch_size // per_micro
+    if args.grad_accum not in (1, accum):
+        raise UsageError(f"--global-batch-size {args.global_batch_size} with --batch-size {args.batch_size} x {world} "
+                         f"process(es) means --grad-accum {accum}, but --grad-accum {args.grad_accum} was given")
+    return accum
 
 
 def fmt_time(s):
@@ -421,6 +470,7 @@ def train(args):
         dist.init_process_group("nccl" if cuda else "gloo")
     main = rank == 0
     log = print if main else (lambda *a, **k: None)
+    grad_accum = resolve_grad_accum(args, world)
 
     precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
     if precision != "fp32" and not cuda:
@@ -472,18 +522,22 @@ def train(args):
     opt = torch.optim.AdamW([{"params": lora_params}, {"params": vib_params}], lr=args.lr,
                             betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
     plan = micro_batches(len(examples), args.batch_size, world, args.epochs, args.seed)
-    total_steps = math.ceil(len(plan) / args.grad_accum)
+    total_steps = math.ceil(len(plan) / grad_accum)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     if total_steps < 1:
         raise UsageError(f"{data_path}: not enough examples for one batch of {args.batch_size * world}")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, args.warmup_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, args.warmup_ratio,
+                                                                      hf=args.hf_warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     config = {k: v for k, v in vars(args).items()}
     config.update(model=str(model_path), data=str(data_path), precision=precision, world_size=world,
+                  grad_accum=grad_accum, global_batch_size=args.batch_size * world * grad_accum,
                   total_steps=total_steps, data_stats=stats, kept_examples=len(examples), fields=list(fields),
                   template=tok.family, lora_targets=list(targets))
+    if args.prune != "none":      # which records (0-based, in file order) the run trained on
+        config["kept_records"] = [source[i] for i in kept]
     start_step = 0
     if args.resume:
         saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
@@ -504,13 +558,14 @@ def train(args):
             write_text_atomic(metrics, "".join(x + "\n" for x in keep))
     log(f"{args.method} | model {model_path.name} ({n_layers} layers, {tok.family} template) | "
         f"{len(examples)} examples ({stats['truncated']} truncated, {stats['dropped']} dropped) | "
-        f"{total_steps} steps | {precision} on {device}" + (f" x{world}" if world > 1 else ""))
+        f"{total_steps} steps of {args.batch_size * world * grad_accum} examples | {precision} on {device}"
+        + (f" x{world}" if world > 1 else ""))
 
     n_kl_per_token = args.bottleneck_dim if args.kl_reduction == "mean" else 1
     t0, tokens_seen, last_good = time.time(), 0, (start_step if args.resume else None)
     first_loss = loss_value = None
     for step in range(start_step, total_steps):
-        global_batches = plan[step * args.grad_accum:(step + 1) * args.grad_accum]
+        global_batches = plan[step * grad_accum:(step + 1) * grad_accum]
         batches = [collate([examples[i] for i in shard(b, rank, world)], tok.pad_id, device) for b in global_batches]
         # Label rows of each process's slice, so that every process draws the bottleneck noise of the whole
         # global micro-batch and uses its own rows of it (see VariationalBottleneck.sample).
@@ -520,10 +575,13 @@ def train(args):
             noise.append((sum(n[:rank]), sum(n)))
         # Normalizers over the whole step (all micro-batches, all processes), known before the forward passes.
         counts = torch.tensor([float(sum(int(lab.sum()) for _, _, lab, _ in batches)),
-                               float(sum(int(attn.sum()) for _, attn, _, _ in batches))], device=device)
+                               float(sum(int(attn.sum()) for _, attn, _, _ in batches)),
+                               float(sum(ids.shape[0] for ids, _, _, _ in batches))], device=device)
         if world > 1:
             dist.all_reduce(counts)
-        n_label, n_real = counts[0].item(), counts[1].item()
+        n_label, n_real, n_rows = counts[0].item(), counts[1].item(), counts[2].item()
+        # KL: real tokens (default), or every row counted as padded to --kl-pad-to tokens (the authors' code).
+        kl_den = (n_real if args.kl_normalizer == "real" else n_rows * args.kl_pad_to) * n_kl_per_token
         sums = torch.zeros(3, device=device)
         ts = time.time()
         for j, (ids, attn, label, tgt) in enumerate(batches):
@@ -533,14 +591,14 @@ def train(args):
                 ce_sum, kl_sum, ce_ib_sum = ddp(ids, attn, label, tgt, noise[j])
                 loss = ce_sum / n_label                                             # Eq. (1)
                 if vib is not None:                                                 # Eq. (IB-FT), Eq. (6)
-                    loss = loss + args.alpha * (kl_sum / (n_real * n_kl_per_token) + args.beta * ce_ib_sum / n_label)
+                    loss = loss + args.alpha * (kl_sum / kl_den + args.beta * ce_ib_sum / n_label)
                 scaler.scale(loss * world).backward()     # DDP averages gradients over processes: undo the 1/world
             sums += torch.stack([ce_sum.detach().float(), kl_sum.detach().float(), ce_ib_sum.detach().float()])
             tokens_seen += int(attn.sum())
         if world > 1:
             dist.all_reduce(sums)
         ce = sums[0].item() / n_label
-        kl = sums[1].item() / (n_real * n_kl_per_token)
+        kl = sums[1].item() / kl_den
         ce_ib = sums[2].item() / n_label
         loss_value = ce + (args.alpha * (kl + args.beta * ce_ib) if vib is not None else 0.0)
         if not math.isfinite(loss_value):

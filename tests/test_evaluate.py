@@ -137,6 +137,20 @@ def test_score_cli_errors_are_one_line_and_write_nothing(tmp_path, shared_dir, c
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
+def test_greedy_scores_one_sample_per_problem_as_greedy_at_1(tmp_path, shared_dir, capsys):
+    probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:2]
+    s, out = tmp_path / "s.jsonl", tmp_path / "r.json"
+    write_samples(s, [{"task_id": probs[0]["task_id"], "completion": probs[0]["canonical_solution"]},
+                      {"task_id": probs[1]["task_id"], "completion": "    return None\n"}])
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--greedy")) == 0
+    rep = json.loads(out.read_text())
+    assert rep["metrics"] == {"greedy@1": 0.5} and set(rep["intervals"]) == {"greedy@1"}
+    assert "| Greedy@1 |" in capsys.readouterr().out
+    write_samples(s, [{"task_id": p["task_id"], "completion": "    pass\n"} for p in probs for _ in range(2)])
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--greedy")) == 2
+    assert "--greedy scores one sample per problem" in capsys.readouterr().err
+
+
 def test_scoring_needs_no_model(tmp_path, shared_dir):
     probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:1]
     write_samples(tmp_path / "s.jsonl", [{"task_id": probs[0]["task_id"], "completion": probs[0]["canonical_solution"]}])

@@ -209,6 +209,20 @@ def test_pooled_hidden_is_the_mean_over_scored_tokens(tiny):
         torch.testing.assert_close(g, m.model.embed_tokens.weight[r[1:]].mean(0), atol=1e-6, rtol=1e-6)
 
 
+def test_pooled_hidden_at_the_last_layer_is_the_pre_norm_state(tiny):
+    """hidden_layer = L is block L's raw output, not transformers' hidden_states[L] (= model.norm of it)."""
+    _, m, tok = tiny
+    rows, starts = mink.encode_examples(tok, EXAMPLES[:2])
+    got = mink.pooled_hidden(m, rows, layer=m.num_layers, pool_from=starts)
+    for g, r, s in zip(got, rows, starts):
+        ids = torch.tensor([r])
+        h_final, h_last = m.trunk(ids, hidden_layer=m.num_layers)
+        assert torch.equal(h_last, h_final)
+        torch.testing.assert_close(m.logits(h_final), m(ids))           # the final norm comes after it
+        torch.testing.assert_close(g, h_final[0, s:].mean(0), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(g, m.model.norm(h_final)[0, s:].mean(0), atol=1e-3)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """bottleneck.py and train.py: the KL, the IB objective's gradient paths, bit-exact FT/IB-FT equivalence at alpha = 0,
-SIGKILL + resume, two-process DDP, GRAND's per-example gradients, and bad input."""
+SIGKILL + resume, two-process DDP, GRAND's per-example gradients, and bad input. The math written out independently:
+the first step's loss and gradient, sample()'s standard deviation, accumulation = one big batch, which examples the
+pruning baselines keep; and the protocol flags (--global-batch-size, --kl-normalizer padded, --hf-warmup)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -160,9 +163,12 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_ckpt):
     run_train(*common, "--batch-size", 4, "--out", tmp_path / "one")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", str(REPO / "train.py"), *map(str, common), "--batch-size", "2", "--out",
-                        str(tmp_path / "two")], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+                        "29517", str(REPO / "train.py"), *map(str, common), "--batch-size", "1",
+                        "--global-batch-size", "4", "--out", str(tmp_path / "two")],   # 2 processes x 1 x 2 accum
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert (cfg["world_size"], cfg["grad_accum"], cfg["global_batch_size"]) == (2, 2, 4)
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     for k in a:
@@ -248,3 +254,213 @@ def test_prune_mink_with_a_dropped_example(tmp_path, tiny_ckpt):
               "--keep", 0.8, "--max-len", 200, "--out", tmp_path / "r")
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["data_stats"]["dropped"] == 1 and cfg["kept_examples"] == 7            # round(0.8 * 9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The math, written out independently of train.py and bottleneck.py
+# ---------------------------------------------------------------------------------------------------------------
+
+def train_here(*args):
+    """train.py in this process (no interpreter start-up): the run directory."""
+    return T.train(T.parse_args([str(a) for a in args]))
+
+
+def read_metrics(run_dir):
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("normalizer", ["real", "padded"])
+def test_first_step_loss_and_gradient_are_ce_plus_alpha_kl_plus_beta_ce_ib(tmp_path, tiny_ckpt, normalizer,
+                                                                          monkeypatch):
+    """One micro-batch of 4, fixed eps: loss = CE.mean() + alpha (KL mean + beta CE_IB.mean()), every term rebuilt
+    here with plain torch ops from the model's logits and hidden states, the VIB weights and the bottleneck's
+    generator state. Both what train.py logs and what it differentiates are checked: the optimizer is swapped for
+    SGD at lr 1 without clipping or warmup, so the step moves every weight by exactly minus its gradient."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, lr, betas, weight_decay: torch.optim.SGD(groups, lr=lr))
+    n, seed, layer, d, alpha, beta, pad_to = 4, 5, 2, 16, 0.3, 0.05, 256
+    data = write_data(tmp_path / "d.jsonl", n=n)
+    run = train_here("--model", tiny_ckpt, "--data", data, "--out", tmp_path / "r", "--method", "ibft",
+                     "--layer", layer, "--bottleneck-dim", d, "--alpha", alpha, "--beta", beta, "--seed", seed,
+                     "--batch-size", n, "--max-steps", 1, "--lr", 1, "--warmup-ratio", 0, "--max-grad-norm", 1e9,
+                     "--lora-dropout", 0, "--max-len", pad_to, "--kl-normalizer", normalizer, "--kl-pad-to", pad_to)
+    got = read_metrics(run)[0]
+
+    # The batch: epoch 0's seeded permutation, right-padded.
+    m = M.load_model(tiny_ckpt)
+    L.inject_lora(m, r=32, alpha=32, dropout=0.0, generator=torch.Generator().manual_seed(seed))   # B = 0
+    tok = M.load_tokenizer(tiny_ckpt)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    enc = [tok.encode_example(rows[i]["instruction"], rows[i]["response"]) for i in order]
+    Tmax = max(len(p) + len(r) for p, r in enc)
+    ids = torch.full((n, Tmax), tok.pad_id)
+    real = torch.zeros(n, Tmax, dtype=torch.bool)
+    pos, tgt = [], []                                               # (row, t) predicting token t + 1 of the response
+    for b, (p, r) in enumerate(enc):
+        ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+        real[b, :len(p) + len(r)] = True
+        for t in range(len(p) - 1, len(p) + len(r) - 1):
+            pos.append((b, t))
+            tgt.append(int(ids[b, t + 1]))
+    tgt = torch.tensor(tgt)
+    logits, h = m(ids, attention_mask=real.long(), hidden_layer=layer)          # (B, T, V), (B, T, H)
+    ce = F.cross_entropy(torch.stack([logits[b, t] for b, t in pos]), tgt)     # mean over label tokens
+
+    # q_phi on RMS-normalized h (default), log sigma^2 clamped to [-4, 4], KL to N(0, I) from its formula.
+    vib0 = VariationalBottleneck(m.hidden_size, IBConfig(layer=layer, dim=d, seed=seed))   # the initial weights
+    We, be = vib0.encoder.weight, vib0.encoder.bias
+    Wd, bd = vib0.decoder.weight, vib0.decoder.bias
+    hn = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    mu, logvar = (hn @ We.T + be).split(d, dim=-1)                             # (B, T, d) each
+    logvar = logvar.clamp(-4, 4)
+    kl_tok = 0.5 * (mu ** 2 + torch.exp(logvar) - 1 - logvar)                   # (B, T, d)
+    kl_sum = kl_tok[real].sum()
+    kl = kl_sum / (int(real.sum()) * d) if normalizer == "real" else kl_sum / (n * pad_to * d)
+
+    # eps: the bottleneck's private generator, seeded with --seed, after its init drew the four weight tensors.
+    eps = torch.randn((len(pos), d), generator=vib0.generator)
+    mu_l = torch.stack([mu[b, t] for b, t in pos])
+    lv_l = torch.stack([logvar[b, t] for b, t in pos])
+    z = mu_l + torch.exp(lv_l / 2) * eps
+    h_bar = z @ Wd.T + bd
+    ce_ib = F.cross_entropy(h_bar @ m.lm_head.weight.T, tgt)                    # s_IB = lm_head(h_bar), no norm
+
+    loss = ce + alpha * (kl + beta * ce_ib)
+    assert got["ce"] == pytest.approx(ce.item(), rel=1e-5)
+    assert got["kl"] == pytest.approx(kl.item(), rel=1e-5)
+    assert got["ce_ib"] == pytest.approx(ce_ib.item(), rel=1e-5)
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    if normalizer == "padded":                                      # = the real-token mean x T_real / (B x pad_to)
+        assert got["kl"] == pytest.approx((kl_sum / (int(real.sum()) * d)).item() * int(real.sum()) / (n * pad_to))
+
+    loss.backward()
+    after = load_file(str(run / "adapter_model.safetensors"))
+    for name, lin in L.lora_layers(m).items():
+        key = f"{L.PEFT_PREFIX}{name}"
+        assert torch.equal(after[key + ".lora_A.weight"], lin.lora_A.detach())  # same init; zero gradient at B = 0
+        torch.testing.assert_close(after[key + ".lora_B.weight"], -lin.lora_B.grad, rtol=1e-4, atol=1e-6,
+                                   msg=f"{name}: lora_B moved by something other than minus its gradient")
+    vib_after = load_file(str(run / "vib.safetensors"))
+    for k, w in vib0.state_dict(keep_vars=True).items():
+        torch.testing.assert_close(vib_after[k], (w - w.grad).detach(), rtol=1e-4, atol=1e-6, msg=k)
+    assert any(lin.lora_B.grad.abs().max() > 1e-3 for lin in L.lora_layers(m).values())
+
+
+def test_sample_has_standard_deviation_exp_half_logvar():
+    d = 5
+    vib = VariationalBottleneck(8, IBConfig(dim=d, seed=3))
+    mu = torch.tensor([0.0, 1.0, -2.0, 0.5, 3.0]).expand(200_000, d)
+    logvar = torch.tensor([-3.0, -1.0, 0.0, 1.5, 3.0]).expand(200_000, d)
+    z = vib.sample(mu, logvar)
+    sd = torch.exp(logvar[0] / 2)                                   # 0.22, 0.61, 1, 2.12, 4.48
+    # relative standard error of a sample sd over 2e5 draws: 1 / sqrt(4e5) = 0.16%; 1% is > 6 of them
+    torch.testing.assert_close(z.std(0), sd, rtol=0.01, atol=0)
+    assert ((z.mean(0) - mu[0]).abs() < 6 * sd / 200_000 ** 0.5).all()
+
+
+@pytest.mark.parametrize("method", ["ft", "ibft"])
+def test_grad_accum_2x2_and_global_batch_equal_one_batch_of_4(tmp_path, tiny_ckpt, method, monkeypatch):
+    """Same examples per step: 1 x 4, 2 x 2 (--grad-accum) and 4 x 1 (--global-batch-size) give the same losses, the
+    same gradient norms and the same weights after two steps. The optimizer is swapped for plain SGD without clipping,
+    so the weights are a linear function of the gradients (Adam's first steps are ~lr x sign(g): blind to scale, and
+    they blow float noise in near-zero gradients up to lr)."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, lr, betas, weight_decay: torch.optim.SGD(groups, lr=lr))
+    data = write_data(tmp_path / "d.jsonl", n=8)
+    common = ["--model", tiny_ckpt, "--data", data, "--method", method, "--layer", 2, "--bottleneck-dim", 16,
+              "--max-steps", 2, "--lr", 0.1, "--max-grad-norm", 1e9, "--lora-dropout", 0, "--alpha", 0.5,
+              "--beta", 0.1]
+    runs = {"1x4": train_here(*common, "--batch-size", 4, "--out", tmp_path / "a"),
+            "2x2": train_here(*common, "--batch-size", 2, "--grad-accum", 2, "--out", tmp_path / "b"),
+            "4x1": train_here(*common, "--batch-size", 1, "--global-batch-size", 4, "--out", tmp_path / "c")}
+    for name, run in runs.items():
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["global_batch_size"] == 4 and cfg["grad_accum"] == {"1x4": 1, "2x2": 2, "4x1": 4}[name]
+    ref = read_metrics(runs["1x4"])
+    files = ["adapter_model.safetensors"] + (["vib.safetensors"] if method == "ibft" else [])
+    for name in ("2x2", "4x1"):
+        got = read_metrics(runs[name])
+        for key in ("loss", "ce", "kl", "ce_ib", "grad_norm"):
+            assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-5, abs=1e-9), (name, key)
+        for f in files:
+            a, b = load_file(str(runs["1x4"] / f)), load_file(str(runs[name] / f))
+            for k in a:
+                torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {f} {k}")
+    assert ref[0]["grad_norm"] > 0 and ref[1]["loss"] != ref[0]["loss"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which examples the pruning baselines keep (with known scores)
+# ---------------------------------------------------------------------------------------------------------------
+
+SCORES = [0.7, 0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.6, 0.4, 1.0]               # record i's score
+
+
+def test_grand_keeps_the_highest_scores(tmp_path, tiny_ckpt, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl", n=10)
+    tok = M.load_tokenizer(tiny_ckpt)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    by_ids = {tuple(sum(tok.encode_example(r["instruction"], r["response"]), [])): s for r, s in zip(rows, SCORES)}
+    monkeypatch.setattr(T, "grand_scores", lambda model, examples, pad_id, batch_size=4:
+                        [by_ids[tuple(ids)] for ids, _ in examples])
+    run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--prune", "grand", "--keep", 0.8,
+                     "--grand-seeds", 2, "--max-steps", 1, "--out", tmp_path / "r")
+    kept = json.loads((run / "config.json").read_text())["kept_records"]
+    assert kept == [0, 2, 3, 4, 5, 7, 8, 9]                         # 0.1 (record 1) and 0.2 (record 6) go
+
+
+def test_mink_prune_removes_the_lowest_scores(tmp_path, tiny_ckpt, monkeypatch):
+    import mink
+    data = write_data(tmp_path / "d.jsonl", n=10)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    by_prompt = {r["instruction"]: s for r, s in zip(rows, SCORES)}
+    monkeypatch.setattr(mink, "score_examples", lambda model, tok, examples, k, prompt_field, response_field:
+                        [by_prompt[e[prompt_field]] for e in examples])
+    run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--prune", "mink", "--keep", 0.7,
+                     "--max-steps", 1, "--out", tmp_path / "r")
+    kept = json.loads((run / "config.json").read_text())["kept_records"]
+    assert kept == [0, 2, 3, 5, 7, 8, 9]                            # the most memorized (0.1, 0.2, 0.3) go
+
+
+def test_mink_prune_with_real_scores_keeps_the_least_memorized(tmp_path, tiny_ckpt):
+    import mink
+    data = write_data(tmp_path / "d.jsonl", n=10)
+    run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--prune", "mink", "--keep", 0.8,
+                     "--max-steps", 1, "--out", tmp_path / "r")
+    kept = json.loads((run / "config.json").read_text())["kept_records"]
+    scores = mink.score_examples(M.load_model(tiny_ckpt), M.load_tokenizer(tiny_ckpt), mink.read_examples(data)[0])
+    dropped = sorted(set(range(10)) - set(kept))
+    assert len(kept) == 8 and max(scores[i] for i in dropped) < min(scores[i] for i in kept)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Protocol flags: global batch size, warmup
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", 3, "--global-batch-size", 4], "--global-batch-size 4 is not a multiple of --batch-size 3"),
+    (["--batch-size", 2, "--global-batch-size", 8, "--grad-accum", 3], "means --grad-accum 4, but --grad-accum 3"),
+    (["--global-batch-size", 0], "--global-batch-size must be >= 1"),
+    (["--kl-normalizer", "padded", "--kl-pad-to", 512], "--kl-pad-to 512 is shorter than --max-len 2048"),
+])
+def test_protocol_flag_errors_are_one_line(tmp_path, tiny_ckpt, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        T.main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "r"), *map(str, extra)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_warmup_schedules(tmp_path, tiny_ckpt):
+    ours, hf = T.cosine_with_warmup(10, 0.3), T.cosine_with_warmup(10, 0.3, hf=True)    # w = ceil(3.0) = 3
+    assert [ours(s) for s in range(3)] == pytest.approx([1 / 4, 2 / 4, 3 / 4])
+    assert [hf(s) for s in range(3)] == pytest.approx([0, 1 / 3, 2 / 3])                  # HF: the first step at lr 0
+    for s in range(3, 11):
+        assert ours(s) == hf(s) == pytest.approx(0.5 * (1 + math.cos(math.pi * (s - 3) / 7)))
+    assert T.cosine_with_warmup(30, 0.03)(0) == 0.5 and T.cosine_with_warmup(30, 0.03, hf=True)(0) == 0
+    data = write_data(tmp_path / "d.jsonl", n=4)
+    for hf in (False, True):                                        # the flag reaches the run: HF's step 1 is at lr 0
+        run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--max-steps", 1,
+                         "--out", tmp_path / str(hf), *(["--hf-warmup"] if hf else []))
+        moved = any(v.abs().sum() > 0 for k, v in load_file(str(run / "adapter_model.safetensors")).items()
+                    if "lora_B" in k)
+        assert moved != hf

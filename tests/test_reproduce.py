@@ -1,0 +1,117 @@
+"""reproduce.py: the smoke preset runs every stage; outputs exist, parse and agree with each other; reruns resume."""
+import json
+
+import pytest
+
+import evaluate as E
+import reproduce as R
+
+
+def jsonl(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    assert R.main(["--preset", "smoke", "--out", str(out), "--stages", "all"]) == 0
+    return out / "smoke"
+
+
+def test_every_stage_is_complete_with_metadata(smoke):
+    for st in R.plan(R.PRESETS["smoke"]):
+        meta = json.loads((smoke / st.name / "stage.json").read_text())
+        assert meta["status"] == "complete" and meta["wall_seconds"] >= 0
+        assert meta["command"].startswith("python reproduce.py --preset smoke")
+        assert meta["versions"]["torch"] and "git_commit" in meta["versions"]
+
+
+def test_split_is_disjoint_and_scored(smoke):
+    p = R.PRESETS["smoke"]
+    split = json.loads((smoke / "split" / "split.json").read_text())
+    assert len(split["train"]) == p.n_train and len(split["heldout"]) == p.n_heldout
+    assert not set(split["train"]) & set(split["heldout"])
+    for run in ("base", "ft", "ibft", "ibft_raw"):
+        rows = jsonl(smoke / f"score_{run}" / "scores.jsonl")
+        assert [r["record"] for r in rows] == split["train"] + split["heldout"]
+        assert all(r["tokens"] > 0 and r["nll"] > 0 and r["mink"] >= r["nll"] - 1e-6 for r in rows)  # Min-K% >= mean
+
+
+def test_runs_share_the_step_budget_and_pruning_follows_p0(smoke):
+    steps = {run: len(jsonl(smoke / f"train_{run}" / "metrics.jsonl")) for run in R.runs(R.PRESETS["smoke"])[1:]}
+    assert len(set(steps.values())) == 1, steps
+    p0 = [r["mink"] for r in jsonl(smoke / "score_base" / "scores.jsonl") if r["split"] == "train"]
+    kept = json.loads((smoke / "train_mink25" / "kept.json").read_text())["kept_indices"]
+    dropped = set(range(len(p0))) - set(kept)
+    assert len(dropped) == round(0.25 * len(p0))
+    assert max(p0[i] for i in dropped) <= min(p0[i] for i in kept)           # the most memorized went first
+    ibft = jsonl(smoke / "train_ibft" / "metrics.jsonl")
+    assert all(r["kl"] > 0 and r["ce_ib"] > 0 for r in ibft)
+    assert json.loads((smoke / "train_ibft_raw" / "config.json").read_text())["ib_raw_input"] is True
+
+
+def test_metrics_are_recomputable_from_the_committed_files(smoke):
+    p = R.PRESETS["smoke"]
+    for run in R.runs(p):
+        greedy = json.loads((smoke / f"eval_{run}" / "humaneval.greedy.results.json").read_text())
+        sampled = json.loads((smoke / f"eval_{run}" / "humaneval.T0.2.results.json").read_text())
+        assert len(jsonl(smoke / f"eval_{run}" / "humaneval.greedy.samples.jsonl")) == p.problems
+        assert len(jsonl(smoke / f"eval_{run}" / "humaneval.T0.2.samples.jsonl")) == p.problems * p.n
+        assert set(greedy["metrics"]) == {"greedy@1"}
+        counts = R.per_problem_counts(sampled)
+        assert sorted(n for n, _ in counts.values()) == [p.n] * p.problems
+        again, _ = E.compute_metrics(list(counts.values()), p.ks, p.ms, bootstrap=0)
+        assert again == pytest.approx(sampled["metrics"])
+    for run in ("base", "ft", "ibft"):
+        assert (smoke / f"temps_{run}" / "humaneval.T1.results.json").exists()
+
+
+def test_report_agrees_with_the_stage_outputs(smoke):
+    text = (smoke / "RESULTS.md").read_text()
+    for heading in ("## Table 1", "## Fig. 3", "## The mechanism", "## Fig. 2", "## Fig. 4", "## Fig. 5", "## Fig. 6",
+                    "## Stages"):
+        assert heading in text
+    assert "Not run yet: none." in text
+    numbers = json.loads((smoke / "report" / "report.json").read_text())
+    ft = json.loads((smoke / "eval_ft" / "humaneval.T0.2.results.json").read_text())
+    assert numbers["table1"]["humaneval/ft"]["metrics"]["pass@2"] == ft["metrics"]["pass@2"]
+    assert set(numbers["mechanism"]["quintiles"]) == {"ft", "ibft", "ibft_raw"}
+
+
+def test_rerun_skips_complete_stages_and_force_redoes_one(smoke, capsys):
+    out = str(smoke.parent)
+    before = (smoke / "eval_ft" / "stage.json").read_text()
+    assert R.main(["--preset", "smoke", "--out", out, "--stages", "all"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("complete, skipped") == len(R.plan(R.PRESETS["smoke"]))
+    assert (smoke / "eval_ft" / "stage.json").read_text() == before
+    samples = (smoke / "eval_base" / "humaneval.T0.2.samples.jsonl").read_text()
+    assert R.main(["--preset", "smoke", "--out", out, "--stages", "eval_base", "--force", "eval_base"]) == 0
+    assert (smoke / "eval_base" / "humaneval.T0.2.samples.jsonl").read_text() == samples   # seeded: same samples
+
+
+def test_dry_run_plans_without_running(tmp_path, capsys):
+    assert R.main(["--preset", "smoke", "--out", str(tmp_path), "--dry-run", "--stages", "all"]) == 0
+    printed = capsys.readouterr().out
+    assert "eval_ibft" in printed and "total" in printed
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert R.main(["--preset", "smoke", "--out", str(tmp_path), "--stages", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reproduce.py: error: --stages: unknown stage 'nope'") and err.count("\n") == 1
+    assert R.main(["--preset", "paper", "--out", str(tmp_path)]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert R.main(["--preset", "smoke", "--out", str(tmp_path), "--stages", "eval_ft"]) == 2
+    assert "needs train_ft first" in capsys.readouterr().err
+
+
+def test_a_results_folder_keeps_one_configuration(tmp_path, capsys):
+    assert R.main(["--preset", "smoke", "--out", str(tmp_path), "--stages", "split"]) == 0
+    f = tmp_path / "smoke" / "preset.json"
+    cfg = json.loads(f.read_text())
+    cfg["preset"]["lr"] = 0.5
+    f.write_text(json.dumps(cfg))
+    assert R.main(["--preset", "smoke", "--out", str(tmp_path), "--stages", "split"]) == 2
+    assert "other settings (lr)" in capsys.readouterr().err
