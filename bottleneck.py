@@ -38,6 +38,8 @@ class IBConfig:
     alpha: float = 0.1              # weight of l_IB in Eq. (IB-FT)                     (Appendix C.1)
     beta: float = 0.02              # compression/prediction trade-off of Eq. (6); 0.02 OriGen, 0.01 Evol-CodeAlpaca
     kl_reduction: str = "mean"      # "mean" over dims and tokens (authors' code) | "sum" over dims, mean over tokens
+    kl_normalizer: str = "real"     # the tokens the KL mean runs over: "real" ones | "padded": rows x kl_pad_to
+    kl_pad_to: int = 2048           # the authors' code pads every row to 2048 tokens and averages over all of them
     logvar_clamp: Optional[float] = 4.0
     head_norm: bool = False         # apply the final RMSNorm before the LM head in the IB branch
     input_norm: bool = True         # q_phi RMS-normalizes h before its linear map (see VariationalBottleneck)
@@ -90,25 +92,45 @@ class VariationalBottleneck(nn.Module):
 
     def forward(self, h, real_mask, label_mask, noise_slice=None):
         """h (B, T, H) from layer l*; real_mask (B, T) marks non-padding tokens; label_mask (B, T) marks positions that
-        predict a label. Returns (kl_sum, n_kl, h_bar): the KL summed over real tokens (and dims), the count that
-        normalizes it under cfg.kl_reduction, and h_bar (N, H) at label positions."""
+        predict a label. Returns (kl_sum, h_bar): the KL summed over real tokens and dims (kl_count normalizes it),
+        and h_bar (N, H) at label positions."""
         h_real = h[real_mask.bool()]                                          # (N_real, H)
         if not torch.is_autocast_enabled(h.device.type):                     # (under autocast nn.Linear casts)
             h_real = h_real.to(self.encoder.weight.dtype)
         mu, logvar = self.encode(h_real)                                      # (N_real, d) each
         kl = gaussian_kl(mu.float(), logvar.float())                          # (N_real, d)  Eq. (4)
-        n_kl = kl.shape[0] * (kl.shape[1] if self.cfg.kl_reduction == "mean" else 1)
         # The prediction branch only matters where there is a label: index the latent rows that carry one.
         rows = label_mask.bool()[real_mask.bool()]                            # label positions among real ones
         z = self.sample(mu[rows], logvar[rows], noise_slice)                  # (N, d)
-        return kl.sum(), n_kl, self.decoder(z)                                # h_bar: (N, H)
+        return kl.sum(), self.decoder(z)                                      # h_bar: (N, H)
 
 
 def ib_terms(model, vib: VariationalBottleneck, h_layer, real_mask, label_mask, targets, noise_slice=None):
-    """The two IB terms for one micro-batch, as sums (train.py normalizes by token counts over the whole step):
-    kl_sum (Eq. (4)), n_kl, and ce_ib_sum = CE(s_IB, y) summed over label tokens (-Eq. (5))."""
-    kl_sum, n_kl, h_bar = vib(h_layer, real_mask, label_mask, noise_slice)
+    """The two IB terms for one micro-batch, as sums (ibft_loss normalizes them by the counts of the whole step):
+    kl_sum (Eq. (4)) and ce_ib_sum = CE(s_IB, y) summed over label tokens (-Eq. (5))."""
+    kl_sum, h_bar = vib(h_layer, real_mask, label_mask, noise_slice)
     if vib.cfg.head_norm:
         h_bar = model.model.norm(h_bar)
     ce_ib_sum = linear_cross_entropy(h_bar, model.lm_head.weight, targets)   # s_IB = lm_head(h_bar), Alg. 1
-    return kl_sum, n_kl, ce_ib_sum
+    return kl_sum, ce_ib_sum
+
+
+def kl_count(cfg: IBConfig, n_real: float, n_rows: float) -> float:
+    """What one optimizer step's KL sum is divided by, so that Eq. (4) enters the loss as a mean: its real tokens
+    (kl_normalizer "real"), or every row counted as kl_pad_to tokens ("padded", the authors' code, whose effective
+    weight on real tokens is then about alpha x T_real / kl_pad_to); times the latent dims under kl_reduction "mean"."""
+    tokens = n_real if cfg.kl_normalizer == "real" else n_rows * cfg.kl_pad_to
+    return tokens * (cfg.dim if cfg.kl_reduction == "mean" else 1)
+
+
+def ibft_loss(ce_sum, kl_sum, ce_ib_sum, n_label, n_kl, cfg: Optional[IBConfig]) -> tuple:
+    """The objective of one optimizer step from its token sums and counts; tensors (for backward) or floats (to log).
+
+        loss = CE / n_label + alpha * (KL / n_kl + beta * CE_IB / n_label)      Eq. (IB-FT) with Eq. (6)
+
+    cfg None is plain FT, Eq. (1). Returns (loss, ce, kl, ce_ib), the last three as means."""
+    ce = ce_sum / n_label
+    if cfg is None:
+        return ce, ce, 0.0, 0.0
+    loss = ce + cfg.alpha * (kl_sum / n_kl + cfg.beta * ce_ib_sum / n_label)
+    return loss, ce, kl_sum / n_kl, ce_ib_sum / n_label

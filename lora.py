@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cli import atomic_write, fail
 from model import default_model_path, load_model
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Appendix C.1
@@ -291,16 +292,6 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
         m.lora_B.copy_(state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then os.replace onto path: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def peft_config(cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict:
     """adapter_config.json as PEFT 0.21 writes it, limited to the fields that carry meaning here."""
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
@@ -477,8 +468,7 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"--model {args.model}: no config.json there")
         out = merge_checkpoint(args.model, args.adapter, args.out, args.dtype)
     except (OSError, ValueError, RuntimeError) as e:
-        print(f"lora.py merge: error: {e}", file=sys.stderr)
-        return 1
+        return fail("lora.py merge", e)
     print(f"merged {args.adapter} into {args.model} -> {out}")
     return 0
 

@@ -34,16 +34,14 @@ CLI:
     python mink.py geometry --data D --scores S [--layer 20] [--model M] [--adapter FT_DIR] [--adapter IBFT_DIR]
 """
 import argparse
-import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cli import UsageError, atomic_write, fail, read_records, write_jsonl
 from model import default_model_path, load_model, load_tokenizer
 
 K_PERCENT = 20            # Fig. 3: Min-20% Prob
@@ -61,54 +59,6 @@ class ExampleError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: JSONL or a JSON list of objects, and which tokens of an example are scored
 # ----------------------------------------------------------------------------------------------------------------
-
-def read_examples(path) -> tuple:
-    """(examples, lines): the objects of a JSONL file (blank lines skipped) or of a JSON list, and the line each
-    starts on. A malformed line raises ValueError naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):                                    # a JSON list
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not all(isinstance(x, dict) for x in data):
-            raise ValueError(f"{path}: expected a list of JSON objects")
-        return data, [None] * len(data)
-    examples, lines = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-        examples.append(obj)
-        lines.append(n)
-    return examples, lines
-
-
-def _atomic_write(path, write, binary=False):
-    """Write through a temporary file beside `path`, then rename: the file appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _write_jsonl(path, objects):
-    _atomic_write(path, lambda f: f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in objects))
-
 
 def _field(example, index, name):
     if name not in example:
@@ -321,7 +271,7 @@ def _histograms_png(path, panels, title):
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return True
 
@@ -392,16 +342,11 @@ def load_scored_model(model_path, adapter=None, template=None, device=None, dtyp
     return model, load_tokenizer(path, family=template)
 
 
-def _where(path, lines, index):
-    return f"{path}:{lines[index]}" if lines[index] else f"{path} (example {index})"
-
-
 def read_scores(path) -> tuple:
     """(scores in index order, the score file's objects); checks that the indices are exactly 0..N-1."""
-    rows, lines = read_examples(path)
+    rows, places = read_records(path)
     by_index = {}
-    for obj, line in zip(rows, lines):
-        where = f"{path}:{line}" if line else str(path)
+    for obj, where in zip(rows, places):
         if not isinstance(obj.get("index"), int) or not isinstance(obj.get("score"), (int, float)):
             raise ValueError(f"{where}: a score line needs an integer 'index' and a numeric 'score'")
         if obj["index"] in by_index:
@@ -427,9 +372,9 @@ def _add_model_args(p):
 
 
 def cmd_score(args):
-    examples, lines = read_examples(args.data)
+    examples, where = read_records(args.data, "--data")
     if args.limit is not None:
-        examples, lines = examples[:args.limit], lines[:args.limit]
+        examples, where = examples[:args.limit], where[:args.limit]
     if not examples:
         raise ValueError(f"{args.data}: no examples")
     model, tok = load_scored_model(args.model, args.adapter, args.template, args.device)
@@ -437,9 +382,9 @@ def cmd_score(args):
         scores, counts = score_examples(model, tok, examples, args.k, args.score, args.text_field, args.prompt_field,
                                         args.response_field, args.batch_size, args.max_len, return_counts=True)
     except ExampleError as e:
-        raise ValueError(f"{_where(args.data, lines, e.index)}: {e}") from None
+        raise UsageError(f"{where[e.index]}: {e}") from None
     extra = {"reference": True} if args.reference else {}
-    _write_jsonl(args.out, ({"index": i, "score": s, "n_tokens": n, "score_kind": args.score, "k": args.k, **extra}
+    write_jsonl(args.out, ({"index": i, "score": s, "n_tokens": n, "score_kind": args.score, "k": args.k, **extra}
                             for i, (s, n) in enumerate(zip(scores, counts))))
     print(f"wrote {len(scores)} {args.score} scores (K={args.k}%) to {args.out}")
     print(quantile_table({Path(args.data).name: scores}))
@@ -476,7 +421,7 @@ def cmd_report(args):
 
 
 def cmd_prune(args):
-    examples, _ = read_examples(args.data)
+    examples, _ = read_records(args.data, "--data")
     scores, _ = read_scores(args.scores)
     if len(scores) != len(examples):
         raise ValueError(f"{args.scores}: {len(scores)} scores for {len(examples)} examples in {args.data} "
@@ -486,7 +431,7 @@ def cmd_prune(args):
     for r in args.remove:
         keep = prune_indices(scores, r)
         out = Path(args.out_dir) / f"{stem}_remove{round(r * 100):02d}.jsonl"
-        _write_jsonl(out, (examples[i] for i in keep))
+        write_jsonl(out, (examples[i] for i in keep))
         dropped = sorted(set(range(len(scores))) - set(keep))
         cut = max((scores[i] for i in dropped), default=float("nan"))
         print(f"{r:>8.0%} {len(keep):>6} {cut:>10.4f}  {out}")
@@ -494,7 +439,7 @@ def cmd_prune(args):
 
 
 def cmd_geometry(args):
-    examples, lines = read_examples(args.data)
+    examples, where = read_records(args.data, "--data")
     scores, _ = read_scores(args.scores)
     if len(scores) > len(examples):
         raise ValueError(f"{args.scores}: {len(scores)} scores but only {len(examples)} examples in {args.data}")
@@ -513,7 +458,7 @@ def cmd_geometry(args):
                 rows, starts = encode_examples(tok, examples[:len(scores)], args.text_field, args.prompt_field,
                                                args.response_field, max_len)
             except ExampleError as e:
-                raise ValueError(f"{_where(args.data, lines, e.index)}: {e}") from None
+                raise UsageError(f"{where[e.index]}: {e}") from None
         hidden = pooled_hidden(model, [rows[i] for i in chosen], args.layer, [starts[i] for i in chosen],
                                args.batch_size or default_batch_size(model))
         results["base" if adapter is None else f"+{Path(adapter).name}"] = pair_geometry(hidden, pairs, index_of)
@@ -591,9 +536,8 @@ def main(argv=None) -> int:
         p.error("--group must be in (0, 0.5] and --pairs positive")
     try:
         return {"score": cmd_score, "report": cmd_report, "prune": cmd_prune, "geometry": cmd_geometry}[cmd](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mink.py: error: {e}", file=sys.stderr)
-        return 1
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        return fail("mink.py", e)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ Adapters, checkpoints and the materialized data subsets live in results/<preset>
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -42,12 +43,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from cli import UsageError, atomic_write, fail, read_records, write_json, write_jsonl, write_text
+
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line `reproduce.py: error: ...`, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,8 +138,8 @@ def train_flags(p: Preset, run: str, n_ft_steps: int) -> list:
     if run == "ibft_raw":
         flags.append("--ib-raw-input")
     keep = 0.8 if run == "grand" else (1 - int(run[4:]) / 100 if run.startswith("mink") else 1.0)
-    if keep < 1:
-        flags[flags.index("--epochs") + 1] = str(p.epochs / keep)
+    if keep < 1:                                        # enough whole epochs, cut at FT's number of steps
+        flags[flags.index("--epochs") + 1] = str(math.ceil(p.epochs / keep))
         flags += ["--max-steps", str(n_ft_steps)]
     if run == "grand":
         flags += ["--prune", "grand", "--keep", "0.8", "--grand-seeds", str(p.grand_seeds)]
@@ -148,34 +147,15 @@ def train_flags(p: Preset, run: str, n_ft_steps: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Files: atomic writes, stage metadata
+# Files: reading back, stage metadata
 # ----------------------------------------------------------------------------------------------------------------
-
-def write_text(path: Path, text: str):
-    """Write through a temporary file, then rename: a reader (or a rerun) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj):
-    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-
-
-def write_jsonl(path: Path, rows):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
 
 def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def read_jsonl(path: Path) -> list:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return read_records(path)[0]
 
 
 def versions() -> dict:
@@ -234,7 +214,7 @@ def stage_split(s: Study, d: Path):
     import train
     from model import load_tokenizer
     p = s.preset
-    records = train.read_records(s.data_path)
+    records, _ = read_records(s.data_path, "--data")
     fields = train.pick_fields(records, None, None, s.data_path)
     tok = load_tokenizer(s.model_path)
     order = np.random.default_rng(p.seed).permutation(len(records)).tolist()     # a fixed, seeded subset
@@ -509,6 +489,7 @@ def check_preset_unchanged(s: Study):
     """A results folder belongs to one configuration: refuse to mix stages run under different settings."""
     now = {"preset": asdict(s.preset), "model": str(s.model_path), "data": str(s.data_path)}
     now["preset"].pop("rates")
+    now = json.loads(json.dumps(now))                       # tuples as the file holds them: lists
     f = s.out / "preset.json"
     if f.exists():
         before = read_json(f)
@@ -596,11 +577,8 @@ def _plt():
 
 
 def _save(fig, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     _plt().close(fig)
 
 
@@ -1016,8 +994,7 @@ def main(argv=None) -> int:
         write_report(s)
         print(f"wrote {s.out / 'RESULTS.md'}")
     except UsageError as e:
-        print(f"reproduce.py: error: {e}", file=sys.stderr)
-        return 2
+        return fail("reproduce.py", e)
     return 0
 
 

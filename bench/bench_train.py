@@ -10,7 +10,6 @@
 The batch: the `--batch` longest examples of data/default_instruct.jsonl in the default model's template.
 """
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -21,8 +20,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
 import lora as L  # noqa: E402
 import model as M  # noqa: E402
+from bottleneck import ibft_loss, kl_count  # noqa: E402
 import train as T  # noqa: E402
 from bottleneck import IBConfig, VariationalBottleneck  # noqa: E402
 
@@ -31,17 +32,18 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def batch(path, n):
     tok = M.load_tokenizer(path)
-    recs = [dict(json.loads(x), _where="") for x in (REPO / "data" / "default_instruct.jsonl").read_text().splitlines()]
-    ex, _, _ = T.tokenize(recs, tok, ("instruction", "response"), 512)
+    recs, where = cli.read_records(REPO / "data" / "default_instruct.jsonl")
+    ex, _, _ = T.tokenize(recs, where, tok, ("instruction", "response"), 512)
     ex = sorted(ex, key=lambda e: -len(e[0]))[:n]
     return T.collate(ex, tok.pad_id, "cpu")
 
 
-def step(obj, b, alpha=0.1, beta=0.02, d=256):
+def step(obj, b):
     ids, attn, label, tgt = b
     ce, kl, ce_ib = obj(ids, attn, label, tgt)
-    n = label.sum()
-    loss = ce / n + (alpha * (kl / (attn.sum() * d) + beta * ce_ib / n) if obj.vib is not None else 0)
+    cfg = obj.vib.cfg if obj.vib is not None else None
+    n_kl = kl_count(cfg, attn.sum(), ids.shape[0]) if cfg is not None else 1.0
+    loss, *_ = ibft_loss(ce, kl, ce_ib, label.sum(), n_kl, cfg)
     loss.backward()
 
 

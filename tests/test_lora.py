@@ -313,14 +313,14 @@ def test_merge_cli_errors(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert main(["merge", "--model", str(tiny_ckpt), "--adapter", str(run), "--out", str(out)]) == 1
+    assert main(["merge", "--model", str(tiny_ckpt), "--adapter", str(run), "--out", str(out)]) == 2
     assert "--out" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    # A bad adapter through the real entry point: one line on stderr, exit 1, no output folder, no temp folder.
+    # A bad adapter through the real entry point: one line on stderr, exit 2, no output folder, no temp folder.
     (run / "adapter_config.json").write_text(json.dumps({**json.loads((run / "adapter_config.json").read_text()),
                                                          "use_dora": True}))
     proc = subprocess.run([sys.executable, str(REPO / "lora.py"), "merge", "--model", str(tiny_ckpt),
                            "--adapter", str(run), "--out", str(tmp_path / "m2")], capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "use_dora=True is not supported" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "use_dora=True is not supported" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run", "tiny"]
 
 

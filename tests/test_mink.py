@@ -262,11 +262,11 @@ def test_cli_rejects_bad_input_naming_file_and_line(tiny, tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps(EXAMPLES[0]) + "\n\n" + '{"instruction": "x", "response": \n')
     out = tmp_path / "s.jsonl"
-    assert mink.main(["--model", str(path), "--data", str(data), "--out", str(out)]) == 1
-    assert f"{data}:3: invalid JSON" in capsys.readouterr().err
+    assert mink.main(["--model", str(path), "--data", str(data), "--out", str(out)]) == 2
+    assert f"{data}:3: not valid JSON" in capsys.readouterr().err
     assert not out.exists()
     write_jsonl(data, [EXAMPLES[0], {"question": "q", "answer": "a"}])
-    assert mink.main(["--model", str(path), "--data", str(data), "--out", str(out)]) == 1
+    assert mink.main(["--model", str(path), "--data", str(data), "--out", str(out)]) == 2
     assert f"{data}:2: example 1 has no field 'instruction'" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(SystemExit):
@@ -312,7 +312,7 @@ def test_cli_prune_sweep(tmp_path, capsys):
         assert len(kept) == 20 - round(20 * r)
     # scores that do not cover the data are refused
     write_jsonl(sfile, [{"index": i, "score": s} for i, s in enumerate(scores[:5])])
-    assert mink.main(["prune", "--data", str(data), "--scores", str(sfile), "--out-dir", str(tmp_path / "o2")]) == 1
+    assert mink.main(["prune", "--data", str(data), "--scores", str(sfile), "--out-dir", str(tmp_path / "o2")]) == 2
     assert "5 scores for 20 examples" in capsys.readouterr().err
 
 
@@ -337,7 +337,7 @@ def test_cli_report(tmp_path, capsys):
     except ImportError:
         assert not png.exists()
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"index": 1, "score": 0.1}])
-    assert mink.main(["report", "--p0", str(bad)]) == 1
+    assert mink.main(["report", "--p0", str(bad)]) == 2
 
 
 def test_cli_geometry(tiny, tmp_path, capsys):
@@ -364,7 +364,7 @@ def test_cli_geometry(tiny, tmp_path, capsys):
     assert lines[0].split()[2] == f"{float(l2.mean()):.3f}" and lines[3].split()[2] == f"{float(ang.mean()):.2f}"
     assert lines[1].split()[2:] == lines[0].split()[2:] and lines[4].split()[2:] == lines[3].split()[2:]
     assert lines[2].split()[2:] != lines[0].split()[2:]
-    assert mink.main(argv[:-6] + ["--layer", "9"]) == 1                 # the tiny model has 4 layers
+    assert mink.main(argv[:-6] + ["--layer", "9"]) == 2                 # the tiny model has 4 layers
     assert "--layer 9" in capsys.readouterr().err
 
 

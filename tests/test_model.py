@@ -203,3 +203,64 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_ckpt):
         grads.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_continuous_batching_refills_and_equals_alone(tiny_ckpt, monkeypatch):
+    """Fewer slots than samples and rows of very different lengths: every sample is the one it is alone, whatever
+    the batch size, and each prompt is prefilled once."""
+    m = M.load_model(tiny_ckpt)
+    prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 100, 200, 31, 77], [42] * 5]
+    stop = set(range(3, 40))                                    # about 1 token in 8 ends a row
+    kw = dict(max_new_tokens=25, temperature=1.0, top_p=0.9, n=3, seed=3, eos_ids=stop)
+    prefilled = []
+    real_prefill = m.prefill
+    monkeypatch.setattr(m, "prefill", lambda ps: prefilled.extend(map(tuple, ps)) or real_prefill(ps))
+    small = M.generate(m, prompts, batch_size=2, **kw)
+    assert sorted(prefilled) == sorted(map(tuple, prompts))    # each prompt prefilled once, shared by its samples
+    lengths = [len(o) for o in small]
+    assert min(lengths) < 5 and max(lengths) > 12              # very different lengths: slots were refilled
+    assert all(o[-1] in stop or len(o) == 25 for o in small)
+    assert all(t not in stop for o in small for t in o[:-1])
+    for bs in (1, 4, 64):
+        assert M.generate(m, prompts, batch_size=bs, **kw) == small
+    for i, p in enumerate(prompts):
+        assert M.generate(m, [p], batch_size=3, **kw) == small[3 * i:3 * i + 3]
+
+
+def test_continuous_batching_greedy_equals_recompute(tiny_ckpt):
+    m = M.load_model(tiny_ckpt)
+    prompts = [[5, 17, 33, 101, 7], [9, 9, 9], [250, 11, 42, 42, 8, 1, 19, 23]]
+    refs = [greedy_by_recompute(m, p, 16) for p in prompts]
+    eos = {refs[0][2]}                                          # prompt 0 ends early, freeing its slot
+    want = [r[:next((k + 1 for k, t in enumerate(r) if t in eos), len(r))] for r in refs]
+    assert len(want[0]) <= 3 < max(len(w) for w in want)
+    got = M.generate(m, prompts, max_new_tokens=16, temperature=0.0, eos_ids=eos, batch_size=2)
+    assert got == want
+
+
+def test_top_p_fast_path_picks_what_the_full_sort_picks(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    V = 1000
+    logits = torch.randn(12, V, generator=g) * 0.1              # flat rows: the nucleus is far outside the top 8
+    logits[:6, :5] += torch.tensor([6.0, 5.0, 4.5, 4.5, 3.0])   # peaked rows (one with a tie): inside the top 8
+    logits[6, 7] = logits[6, 3] = 9.0                           # a tie between the two most likely tokens
+    logits[7, [10, 11, 12, 13, 14, 15, 16, 17, 18]] = 6.0       # a tie straddling the 8th place: must fall back
+    calls = []
+    real_pick = M._nucleus_pick
+    monkeypatch.setattr(M, "_nucleus_pick", lambda p, *a: calls.append(p.shape) or real_pick(p, *a))
+    for temperature, top_p in [(0.7, 0.95), (0.2, 0.95), (1.0, 0.5)]:
+        gens = lambda: [torch.Generator().manual_seed(100 + r) for r in range(len(logits))]  # noqa: E731
+        calls.clear()
+        fast = M.sample_next(logits, temperature, top_p, gens(), k=8)
+        assert (8 in {s[-1] for s in calls}) and (V in {s[-1] for s in calls})   # both paths were taken
+        full = M.sample_next(logits, temperature, top_p, gens(), k=V)            # the full sort for every row
+        assert torch.equal(fast, full)
+        # and the same tokens as sorting everything by hand (ties: lower id first)
+        probs = torch.softmax(logits / temperature, -1)
+        for r, gen in enumerate(gens()):
+            order = sorted(range(V), key=lambda t: (-float(probs[r, t]), t))
+            p = probs[r, order]
+            cum = p.double().cumsum(0).float()
+            keep = int((cum - p < top_p).sum())
+            u = torch.rand((), generator=gen) * cum[keep - 1]
+            assert int(fast[r]) == order[min(int((cum[:keep] < u).sum()), keep - 1)]

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import cli
 import lora as L
 import model as M
 import train as T
-from bottleneck import IBConfig, VariationalBottleneck, gaussian_kl, ib_terms
+from bottleneck import IBConfig, VariationalBottleneck, gaussian_kl, ib_terms, ibft_loss, kl_count
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,14 +69,29 @@ def test_kl_reduction_and_clamp():
     label[:, 0] = False
     for red, per_tok in (("mean", 4), ("sum", 1)):
         vib = VariationalBottleneck(16, IBConfig(dim=4, kl_reduction=red, logvar_clamp=4.0, input_norm=False))
-        kl_sum, n_kl, h_bar = vib(h, real, label)
+        kl_sum, h_bar = vib(h, real, label)
         mu, logvar = vib.encode(h[real])
         assert logvar.abs().max() <= 4.0
-        assert n_kl == int(real.sum()) * per_tok                   # padding never counts
+        assert kl_count(vib.cfg, int(real.sum()), 2) == int(real.sum()) * per_tok    # padding never counts
+        padded = IBConfig(dim=4, kl_reduction=red, kl_normalizer="padded", kl_pad_to=16)
+        assert kl_count(padded, int(real.sum()), 2) == 2 * 16 * per_tok           # the authors': rows x pad length
         torch.testing.assert_close(kl_sum, gaussian_kl(mu, logvar).sum())
         assert h_bar.shape == (int(label.sum()), 16)
     unclamped = VariationalBottleneck(16, IBConfig(dim=4, logvar_clamp=None, input_norm=False))
     assert unclamped.encode(h)[1].abs().max() > 4.0
+
+
+def test_ibft_loss_is_eq_ibft_on_tensors_and_floats():
+    cfg = IBConfig(alpha=0.3, beta=0.05)
+    sums, counts = (torch.tensor(12.0, requires_grad=True), torch.tensor(40.0), torch.tensor(30.0)), (8.0, 64.0)
+    loss, ce, kl, ce_ib = ibft_loss(*sums, *counts, cfg)
+    assert loss.item() == pytest.approx(12 / 8 + 0.3 * (40 / 64 + 0.05 * 30 / 8))
+    assert (float(ce), float(kl), float(ce_ib)) == pytest.approx((12 / 8, 40 / 64, 30 / 8))
+    loss.backward()
+    assert float(sums[0].grad) == pytest.approx(1 / 8)
+    as_floats = ibft_loss(12.0, 40.0, 30.0, *counts, cfg)
+    assert as_floats[0] == pytest.approx(float(loss))
+    assert ibft_loss(12.0, 40.0, 30.0, *counts, None) == (1.5, 1.5, 0.0, 0.0)     # plain FT: Eq. (1) alone
 
 
 def test_linear_cross_entropy_equals_reference():
@@ -100,8 +116,8 @@ def test_ib_gradient_reaches_lora_of_layers_up_to_l_star_only(tiny_ckpt):
     vib = VariationalBottleneck(m.hidden_size, IBConfig(layer=layer, dim=8))
     ids, attn, label, tgt = T.collate([([5, 6, 7, 8, 9, 10], 2), ([11, 12, 13, 14], 1)], 2, "cpu")
     _, h_l = m.trunk(ids, attn, hidden_layer=layer)
-    kl_sum, n_kl, ce_ib = ib_terms(m, vib, h_l, attn, label, tgt)
-    (kl_sum / n_kl + 0.02 * ce_ib).backward()                       # l_IB alone, Eq. (6)
+    kl_sum, ce_ib = ib_terms(m, vib, h_l, attn, label, tgt)
+    (kl_sum / kl_count(vib.cfg, int(attn.sum()), 2) + 0.02 * ce_ib).backward()   # l_IB alone, Eq. (6)
     for name, lin in L.lora_layers(m).items():
         idx = int(name.split(".")[2])                               # model.layers.<idx>...
         grads = [p.grad for p in (lin.lora_A, lin.lora_B)]
@@ -223,7 +239,7 @@ def test_bad_flags(tmp_path, tiny_ckpt, extra, message):
 def test_bad_data(tmp_path, tiny_ckpt):
     bad = write_data(tmp_path / "bad.jsonl", bad_line=4)
     p = run_train("--model", tiny_ckpt, "--data", bad, "--layer", 2, "--out", tmp_path / "r", check=False)
-    assert p.returncode == 2 and f"{bad}:5: invalid JSON" in p.stderr
+    assert p.returncode == 2 and f"{bad}:5: not valid JSON" in p.stderr
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"instruction": "x", "response": "  "}) + "\n")
     p = run_train("--model", tiny_ckpt, "--data", empty, "--layer", 2, "--out", tmp_path / "r", check=False)
@@ -427,7 +443,7 @@ def test_mink_prune_with_real_scores_keeps_the_least_memorized(tmp_path, tiny_ck
     run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--prune", "mink", "--keep", 0.8,
                      "--max-steps", 1, "--out", tmp_path / "r")
     kept = json.loads((run / "config.json").read_text())["kept_records"]
-    scores = mink.score_examples(M.load_model(tiny_ckpt), M.load_tokenizer(tiny_ckpt), mink.read_examples(data)[0])
+    scores = mink.score_examples(M.load_model(tiny_ckpt), M.load_tokenizer(tiny_ckpt), cli.read_records(data)[0])
     dropped = sorted(set(range(10)) - set(kept))
     assert len(kept) == 8 and max(scores[i] for i in dropped) < min(scores[i] for i in kept)
 

@@ -1,0 +1,98 @@
+"""What every command line of the project shares: reading its input files (JSONL/JSON records with their line
+numbers), writing its outputs atomically, the usage-error convention (one line naming the file, line or flag; exit
+status 2), and the flags that name a model (--model, --adapter, --template).
+
+    rows, where = read_records("data.jsonl")     # where[i] = "data.jsonl:7", for error messages
+    write_json(path, obj)                        # a temporary file beside path, then a rename
+    except UsageError as e: return fail("train.py", e)
+"""
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input (a flag, a file, a line of a file): reported as one line `prog: error: ...`, exit status 2."""
+
+
+def fail(prog: str, error) -> int:
+    """Print the one-line error of a command line and return its exit status, 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading: objects of a JSONL file (.gz too) or of a JSON list, each with where it came from
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_records(path, what: str = "") -> tuple:
+    """(rows, where): the JSON objects of a JSONL file (blank lines skipped; .gz read through gzip) or of a .json file
+    (or any file starting with "["): a list of objects, or {"data": [...]}; and for each one "file:line" (or
+    "file: item i"). A malformed line is a UsageError
+    naming file:line; `what` (e.g. "--data") prefixes a missing file's message."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what + ' ' if what else ''}{path}: no such file")
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+        text = f.read()
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        return _read_json_list(path, text)
+    rows, where = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+        where.append(f"{path}:{n}")
+    return rows, where
+
+
+def _read_json_list(path: Path, text: str) -> tuple:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise UsageError(f"{path}: expected JSON lines or a JSON list of objects")
+    for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path}: item {i} is not a JSON object")
+    return data, [f"{path}: item {i}" for i in range(len(data))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: the whole file or nothing
+# ----------------------------------------------------------------------------------------------------------------
+
+def atomic_write(path, write) -> None:
+    """write(tmp_path) fills a temporary file beside `path`, which then replaces it in one rename: readers (and a
+    rerun after a crash) see the old file or the new one, never half of one; a failed write leaves nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path, obj, indent=1) -> None:
+    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path, rows) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
