@@ -17,6 +17,10 @@ class UsageError(Exception):
     """Bad input (a flag, a file, a line of a file): reported as one line `prog: error: ...`, exit status 2."""
 
 
+class CheckpointError(UsageError, ValueError):
+    """A checkpoint folder that cannot be loaded as it is; the message names the file."""
+
+
 def fail(prog: str, error) -> int:
     """Print the one-line error of a command line and return its exit status, 2."""
     print(f"{prog}: error: {error}", file=sys.stderr)
@@ -96,3 +100,21 @@ def write_json(path, obj, indent=1) -> None:
 
 def write_jsonl(path, rows) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The flags that name a model, spelled and explained the same in every command line
+# ----------------------------------------------------------------------------------------------------------------
+
+MODEL_HELP = "HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)"
+ADAPTER_HELP = "LoRA adapter folder from train.py (PEFT format: adapter_config.json + adapter_model.safetensors)"
+TEMPLATE_HELP = "prompt template family (default: detected from the checkpoint's chat template)"
+
+
+def add_model_flags(parser, adapter: bool = True):
+    """--model, --template and (adapter=True) --adapter on an argparse parser or argument group."""
+    from tokenizer import FAMILIES                    # the template families are data of the tokenizer
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    if adapter:
+        parser.add_argument("--adapter", default=None, help=ADAPTER_HELP)
+    parser.add_argument("--template", default=None, choices=FAMILIES, help=TEMPLATE_HELP)

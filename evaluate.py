@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import sandbox
-from cli import UsageError, fail, read_records, write_json
+from cli import UsageError, add_model_flags, fail, read_records, write_json
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -252,8 +252,11 @@ def _repair_tail(path: Path):
 
 def generate_samples(args, benchmark: str, problems: list, path: Path, temperature: float, all_ids: set):
     """Append n samples per problem to `path`, skipping the ones it already holds. Sample j of a problem depends
-    only on (seed, prompt, j) (model.generate), so a resumed run writes what an uninterrupted one would have."""
-    import model as M                                           # imported only when generating
+    only on (seed, prompt, j) (generate.generate), so a resumed run writes what an uninterrupted one would have."""
+    import generate as G                                        # imported only when generating: torch
+    import model as M
+    from default_model import default_model_path
+    from tokenizer import load_tokenizer
     _repair_tail(path)
     have = {}
     if path.is_file():
@@ -265,7 +268,7 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
     todo = [p for p in problems if have.get(p["task_id"], 0) < args.n]
     if not todo:
         return
-    model_path = Path(args.model) if args.model else M.default_model_path()
+    model_path = Path(args.model) if args.model else default_model_path()
     print(f"generating {sum(args.n - have.get(p['task_id'], 0) for p in todo)} samples for {len(todo)} problems "
           f"(model {model_path}{', adapter ' + str(args.adapter) if args.adapter else ''}, T={temperature}, "
           f"top-p {args.top_p}, n={args.n})", flush=True)
@@ -273,7 +276,7 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
     if args.adapter:
         import lora                                              # imported only with --adapter
         net = lora.merge(lora.load_adapter(net, args.adapter), keep_base=False)   # W + s B A: no LoRA cost per step
-    tok = M.load_tokenizer(model_path, family=args.template)
+    tok = load_tokenizer(model_path, family=args.template)
     # Base-model (Alpaca) prompts have no end-of-turn token: stop where the template would start a new turn.
     stops = ["### Instruction", "### Response"] if tok.family == "alpaca" else []
     prompts = [tok.encode(tok.prompt(instruction(benchmark, p))) for p in todo]
@@ -294,7 +297,7 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
             print(f"  {done[0]}/{len(todo)} problems ({time.time() - t0:.0f} s)", flush=True)
 
     # One call for all problems: the sampler keeps its batch full (continuous batching) until the work runs out.
-    M.generate(net, prompts, args.max_new_tokens, temperature=temperature, top_p=args.top_p, n=args.n,
+    G.generate(net, prompts, args.max_new_tokens, temperature=temperature, top_p=args.top_p, n=args.n,
                stop_strings=stops or None, tokenizer=tok, seed=args.seed, batch_size=args.batch_size,
                on_prompt_done=save)
 
@@ -383,10 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true", help="one greedy sample per problem (temperature 0, n = 1), "
                    "reported as greedy@1, the paper's reading of Pass@1 (Fig. 2); sets --n 1 --temperature 0 --k 1 "
                    "and no --m")
-    g.add_argument("--model", type=Path, help="HF checkpoint folder (default: model.default_model_path())")
-    g.add_argument("--adapter", type=Path, help="LoRA adapter folder (PEFT format) from train.py")
-    g.add_argument("--template", choices=("chatml", "deepseek", "codellama", "alpaca"),
-                   help="prompt template family (default: detected from the checkpoint)")
+    add_model_flags(g)
     g.add_argument("--n", type=int, default=10, help="samples per problem (Appendix C.2: n = 10)")
     g.add_argument("--temperature", type=float, nargs="+", default=[0.2],
                    help="sampling temperature(s); several run Fig. 6's study (paper: 0.2 0.6 1.0)")
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
             raise UsageError("--workers and --limit must be >= 1")
         if any(t < 0 for t in args.temperature) or not 0 < args.top_p <= 1:
             raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
-        if args.adapter and not args.adapter.is_dir():
+        if args.adapter and not Path(args.adapter).is_dir():
             raise UsageError(f"--adapter {args.adapter}: no such folder")
         every = load_problems(args.benchmark, args.data_dir)
         problems, all_ids = every[:args.limit], {p["task_id"] for p in every}

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cli import atomic_write, fail
-from model import default_model_path, load_model
+from cli import ADAPTER_HELP, MODEL_HELP, atomic_write, fail
+from default_model import default_model_path
+from model import load_model
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Appendix C.1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -455,8 +456,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lora.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("merge", help="merge an adapter into its base model; write a Hugging Face checkpoint folder")
-    p.add_argument("--model", default=None, help="base model folder (default: the embedded default model)")
-    p.add_argument("--adapter", required=True, help="folder with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("--out", required=True, help="new folder for the merged checkpoint")
     p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
                    help="dtype of the written weights (default: the base checkpoint's)")

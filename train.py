@@ -40,10 +40,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import lora as L
-from cli import UsageError, atomic_write, fail, read_records, write_json, write_text
+import lora
+from cli import UsageError, add_model_flags, atomic_write, fail, read_records, write_json, write_text
 from bottleneck import IBConfig, VariationalBottleneck, ib_terms, ibft_loss, kl_count
-from model import default_model_path, linear_cross_entropy, load_model, load_tokenizer
+from default_model import default_model_path
+from model import linear_cross_entropy, load_model
+from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO / "data" / "default_instruct.jsonl"
@@ -58,11 +60,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="LoRA fine-tuning: FT or IB-FT (information-bottleneck regularized).")
     p.add_argument("--method", default="ibft", help="ft (Eq. (1)) or ibft (Eq. (IB-FT))")
     p.add_argument("--layer", type=int, default=20, help="l*: bottleneck the output of this decoder block (1..L-1)")
-    p.add_argument("--model", default=None, help="HF checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
+    add_model_flags(p, adapter=False)
     p.add_argument("--data", default=None, help="JSONL or JSON instruction data (default: data/default_instruct.jsonl)")
     p.add_argument("--instruction-field", default=None, help="field of the instruction (auto: instruction/Instruction)")
     p.add_argument("--response-field", default=None, help="field of the response (auto: response/Response/output)")
-    p.add_argument("--template", default=None, help="prompt template family: chatml, deepseek, codellama, alpaca (auto)")
     p.add_argument("--out", default="runs/ibft", help="RUN_DIR")
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--lora-targets", default=",".join(lora.DEFAULT_TARGETS),
+                   help="comma-separated module names LoRA adapts (Appendix C.1: all seven projections)")
     p.add_argument("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--alpha", type=float, default=0.1,
                    help="IB weight alpha in Eq. (IB-FT) (paper: 0.1; the authors' released code runs 0.2)")
@@ -229,7 +231,7 @@ def grand_scores(model, examples, pad_id, batch_size=4):
     input x and output gradient g in one batched backward pass:
         dL_i/dB = s * sum_t g_t (A x_t)^T        dL_i/dA = s * sum_t (B^T g_t) x_t^T
     where L_i is example i's mean token loss (rows of a batch never interact, so dL/dy on row i is dL_i/dy)."""
-    layers = L.lora_layers(model)
+    layers = lora.lora_layers(model)
     was_training = model.training
     model.eval()
     store, handles = {}, []
@@ -277,7 +279,7 @@ def select_grand(model, examples, pad_id, keep, seeds, args):
     total = torch.zeros(len(examples))
     for s in range(seeds):
         g = torch.Generator().manual_seed(args.seed * 1000 + s)   # a fresh LoRA init per seed (B = 0, A ~ Kaiming)
-        for m in L.lora_layers(model).values():
+        for m in lora.lora_layers(model).values():
             m.reset_parameters(g)
         total += torch.tensor(grand_scores(model, examples, pad_id, args.batch_size))
     scores = (total / seeds).tolist()
@@ -342,7 +344,7 @@ def save_checkpoint(run_dir: Path, model, vib, opt, sched, scaler, step, base_pa
     tmp, final, old = run_dir / ".checkpoint.tmp", run_dir / "checkpoint", run_dir / ".checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    L.save_adapter(model, tmp, base_path)
+    lora.save_adapter(model, tmp, base_path)
     if vib is not None:
         save_vib(vib, tmp / "vib.safetensors", model.hidden_size)
     state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -364,7 +366,7 @@ def load_checkpoint(run_dir: Path, model, vib, opt, sched, scaler):
         ck = run_dir / ".checkpoint.old"
     if not (ck / "trainer_state.pt").exists():
         raise UsageError(f"--resume: no checkpoint in {run_dir}")
-    L.load_lora_state_dict(model, load_file(str(ck / L.ADAPTER_WEIGHTS)), str(ck / L.ADAPTER_WEIGHTS))
+    lora.load_lora_state_dict(model, load_file(str(ck / lora.ADAPTER_WEIGHTS)), str(ck / lora.ADAPTER_WEIGHTS))
     if vib is not None:
         vib.load_state_dict(load_file(str(ck / "vib.safetensors")))
     state = torch.load(ck / "trainer_state.pt", weights_only=True)
@@ -440,12 +442,13 @@ class Run:
     start_step: int = 0
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
+        """Rank 0 writes the run folder and prints."""
         return self.rank == 0
 
-    def log(self, *a, **k):
-        if self.main:
-            print(*a, **k)
+    def log(self, *args, **kwargs):
+        if self.is_main:
+            print(*args, **kwargs)
 
 
 def init_process(args) -> tuple:
@@ -479,12 +482,12 @@ def add_lora_and_select(args, model, tok, records, fields, examples, source) -> 
     if args.prune == "mink":                                    # scored on the base model, before LoRA
         kept, _ = select_mink(model, tok, [records[i] for i in source], fields, args.keep, args.mink_k)
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    L.inject_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
+    lora.inject_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
                   rslora=args.rslora, generator=torch.Generator().manual_seed(args.seed))
     if args.prune == "grand":                                   # scored at LoRA initializations, then reset
-        init = {k: v.clone() for k, v in L.lora_state_dict(model).items()}
+        init = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
         kept, _ = select_grand(model, examples, tok.pad_id, args.keep, args.grand_seeds, args)
-        L.load_lora_state_dict(model, init, "initial LoRA weights")
+        lora.load_lora_state_dict(model, init, "initial LoRA weights")
     return kept, targets
 
 
@@ -511,7 +514,7 @@ def start_run_dir(run: Run, config: dict):
                                  f"with {saved[k]!r}")
         run.start_step = load_checkpoint(run_dir, run.model, run.vib, run.opt, run.sched, run.scaler)
         run.log(f"resumed {run_dir} at step {run.start_step}")
-    if run.main:
+    if run.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", config, indent=2)
         metrics = run_dir / "metrics.jsonl"
@@ -652,7 +655,7 @@ def log_step(run: Run, rec: dict, elapsed: float):
 def finish(run: Run, first_loss, last_loss, elapsed: float, tokens_seen: float):
     """The PEFT adapter, the bottleneck's weights and a final checkpoint in RUN_DIR, and a one-screen summary."""
     args, run_dir, vib = run.args, run.run_dir, run.vib
-    L.save_adapter(run.model, run_dir, str(run.model_path))
+    lora.save_adapter(run.model, run_dir, str(run.model_path))
     if vib is not None:
         save_vib(vib, run_dir / "vib.safetensors", run.model.hidden_size)
     save_checkpoint(run_dir, run.model, vib, run.opt, run.sched, run.scaler, run.total_steps, str(run.model_path))
@@ -681,17 +684,17 @@ def train(args):
         rec = optimizer_step(run, step, last_good)
         first_loss = rec["loss"] if first_loss is None else first_loss
         last_loss, tokens_seen = rec["loss"], tokens_seen + rec["real_tokens"] / run.world
-        if run.main:
+        if run.is_main:
             log_step(run, rec, time.time() - t0)
         done = rec["step"]
         if args.save_every and done % args.save_every == 0 and done < run.total_steps:
-            if run.main:
+            if run.is_main:
                 save_checkpoint(run.run_dir, run.model, run.vib, run.opt, run.sched, run.scaler, done,
                                 str(run.model_path))
             last_good = done
             if run.world > 1:
                 dist.barrier()
-    if run.main:
+    if run.is_main:
         finish(run, first_loss, last_loss, time.time() - t0, tokens_seen)
     if run.world > 1:
         dist.destroy_process_group()

@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import evaluate  # noqa: E402
 import model as M  # noqa: E402
+from default_model import default_model_path  # noqa: E402
+import generate as G  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 N, T, TOP_P, MAX_NEW = 10, 0.2, 0.95, 512
 
@@ -62,7 +65,7 @@ def timed(fn):
 def full_batch_decode(m, prompts, rows):
     """Decode tokens/s at `rows` rows, no EOS, prefill excluded (64-token run minus 1-token run)."""
     P = -(-rows // N)
-    run = lambda k: M.generate(m, prompts[:P], k, temperature=T, top_p=TOP_P, n=N, eos_ids=set(),  # noqa: E731
+    run = lambda k: G.generate(m, prompts[:P], k, temperature=T, top_p=TOP_P, n=N, eos_ids=set(),  # noqa: E731
                                seed=0, batch_size=rows)
     run(2)                                                               # warm-up
     _, t1 = timed(lambda: run(1))
@@ -76,9 +79,9 @@ sys.path.insert(0, {repo!r})
 sys.path.insert(0, {bench!r})
 import model as M
 from bench_generate import humaneval_prompts
-m, tok = M.load_model(M.default_model_path()), M.load_tokenizer(M.default_model_path())
+m, tok = M.load_model(default_model_path()), load_tokenizer(default_model_path())
 prompts = humaneval_prompts(tok, 7)
-M.generate(m, prompts, {max_new}, temperature=0.2, top_p=0.95, n=10, eos_ids=set(range(m.config.vocab_size)),
+G.generate(m, prompts, {max_new}, temperature=0.2, top_p=0.95, n=10, eos_ids=set(range(m.config.vocab_size)),
            seed=0, batch_size=64)
 hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
 print(int(hwm) // 1024)
@@ -118,8 +121,8 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = M.default_model_path()
-    m, tok = M.load_model(path), M.load_tokenizer(path)
+    path = default_model_path()
+    m, tok = M.load_model(path), load_tokenizer(path)
     n_params = sum(p.numel() for p in m.parameters())                    # tied embedding counted once
     prompts = humaneval_prompts(tok, max(args.problems, -(-args.batch_size // N)))
     print(f"default model {path.name}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")
@@ -133,7 +136,7 @@ def main():
           f"({frac:.0%} of the matmul peak; whole call {t64:.1f} s)")
 
     work = prompts[:args.problems]
-    outs, t = timed(lambda: M.generate(m, work, MAX_NEW, temperature=T, top_p=TOP_P, n=N, tokenizer=tok, seed=0,
+    outs, t = timed(lambda: G.generate(m, work, MAX_NEW, temperature=T, top_p=TOP_P, n=N, tokenizer=tok, seed=0,
                                        batch_size=args.batch_size))
     kept = sum(len(o) for o in outs)
     at_limit = sum(len(o) == MAX_NEW for o in outs)

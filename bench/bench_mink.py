@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import cli  # noqa: E402
 import mink  # noqa: E402
-from model import default_model_path, load_model, load_tokenizer  # noqa: E402
+from default_model import default_model_path  # noqa: E402
+from model import load_model  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 def reference_scores(hf_model, rows, score_from, k):

@@ -26,6 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import model as M  # noqa: E402
+from default_model import default_model_path  # noqa: E402
+import generate as G  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 def humaneval_prompts(k):
@@ -85,13 +88,13 @@ def bench_train_step(path, pairs):
 
 def bench_sampling(path, n_prompts):
     from transformers import AutoTokenizer, LlamaForCausalLM
-    ours, tok = M.load_model(path), M.load_tokenizer(path)
+    ours, tok = M.load_model(path), load_tokenizer(path)
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hft = AutoTokenizer.from_pretrained(path)
     prompts = [tok.encode(tok.prompt("Complete the following Python function.\n```python\n" + p + "```"))
                for p in humaneval_prompts(n_prompts)]
     t = time.perf_counter()
-    outs = M.generate(ours, prompts, max_new_tokens=256, temperature=0.2, top_p=0.95, n=10, tokenizer=tok, seed=0)
+    outs = G.generate(ours, prompts, max_new_tokens=256, temperature=0.2, top_p=0.95, n=10, tokenizer=tok, seed=0)
     t_ours = time.perf_counter() - t
     n_ours = sum(len(o) for o in outs)
     torch.manual_seed(0)
@@ -111,7 +114,7 @@ def bench_sampling(path, n_prompts):
     # Raw decode rate at a fixed batch of 10: 64 steps from one prompt, EOS ignored.
     p = prompts[0]
     t = time.perf_counter()
-    M.generate(ours, [p], max_new_tokens=64, temperature=0.2, top_p=0.95, n=10, eos_ids=set(), seed=0)
+    G.generate(ours, [p], max_new_tokens=64, temperature=0.2, top_p=0.95, n=10, eos_ids=set(), seed=0)
     r_ours = 640 / (time.perf_counter() - t)
     t = time.perf_counter()
     with torch.no_grad():
@@ -174,7 +177,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--skip-sampling", action="store_true")
     args = ap.parse_args()
-    path = Path(args.model) if args.model else M.default_model_path()
+    path = Path(args.model) if args.model else default_model_path()
     print(f"model {path} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     print("1. forward+backward")
     bench_train_step(path, args.pairs)

@@ -23,6 +23,8 @@ sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
 import lora as L  # noqa: E402
 import model as M  # noqa: E402
+from default_model import default_model_path  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 from bottleneck import ibft_loss, kl_count  # noqa: E402
 import train as T  # noqa: E402
 from bottleneck import IBConfig, VariationalBottleneck  # noqa: E402
@@ -31,7 +33,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def batch(path, n):
-    tok = M.load_tokenizer(path)
+    tok = load_tokenizer(path)
     recs, where = cli.read_records(REPO / "data" / "default_instruct.jsonl")
     ex, _, _ = T.tokenize(recs, where, tok, ("instruction", "response"), 512)
     ex = sorted(ex, key=lambda e: -len(e[0]))[:n]
@@ -140,7 +142,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     args = ap.parse_args()
-    path = Path(args.model) if args.model else M.default_model_path()
+    path = Path(args.model) if args.model else default_model_path()
     b = batch(path, args.batch)
     print(f"model {path.name} | batch {tuple(b[0].shape)}, {int(b[1].sum())} tokens, {int(b[2].sum())} labels | "
           f"threads {torch.get_num_threads()}")

@@ -1,4 +1,4 @@
-"""Cross-check scripts/convert_gguf.py against Hugging Face transformers (a script, not a test).
+"""Cross-check default_model.py (the GGUF conversion) against Hugging Face transformers (a script, not a test).
 
 Needs transformers (not a project requirement). Converts the embedded SmolLM2-135M-Instruct GGUF, then:
   1. compares every converted weight with transformers' own GGUF loader (which dequantizes and un-permutes itself);
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_gguf import convert, find_default_gguf, unpermute  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))        # a script imports the library
+from default_model import convert, find_default_gguf, unpermute  # noqa: E402
 
 SNIPPET = ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
            '    return fibonacci(n - 1) + fibonacci(n - 2)\n')

@@ -51,29 +51,9 @@ def tiny_tokenizer_json() -> dict:
 
 
 def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.08) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or H // nh
-
-    def w(*shape):
-        return (torch.randn(*shape, generator=g) * std).contiguous()
-
-    sd = {"model.embed_tokens.weight": w(V, H), "model.norm.weight": 1 + w(H)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = w(nh * hd, H)
-        sd[p + "self_attn.k_proj.weight"] = w(nkv * hd, H)
-        sd[p + "self_attn.v_proj.weight"] = w(nkv * hd, H)
-        sd[p + "self_attn.o_proj.weight"] = w(H, nh * hd)
-        sd[p + "mlp.gate_proj.weight"] = w(I, H)
-        sd[p + "mlp.up_proj.weight"] = w(I, H)
-        sd[p + "mlp.down_proj.weight"] = w(H, I)
-        sd[p + "input_layernorm.weight"] = 1 + w(H)
-        sd[p + "post_attention_layernorm.weight"] = 1 + w(H)
-    if not cfg.get("tie_word_embeddings"):
-        sd["lm_head.weight"] = w(V, H)
-    return sd
+    """Random weights for every tensor model.Transformer has under this config (reproduce.random_weights)."""
+    from reproduce import random_weights
+    return random_weights(cfg, seed, std)
 
 
 def make_checkpoint(path, seed: int = 0, chat_template: str = CHATML, **overrides) -> Path:

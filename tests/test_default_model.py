@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from default_model import default_model_path
+import generate as G
+from tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +24,10 @@ GOLDEN_GREEDY = ("```python\ndef square_number(num):\n    return num ** 2\n```\n
 @pytest.fixture(scope="module")
 def default():
     try:
-        path = M.default_model_path()
+        path = default_model_path()
     except (ImportError, ValueError, FileNotFoundError) as e:
         pytest.skip(f"default model unavailable: {e}")
-    return M.load_model(path), M.load_tokenizer(path)
+    return M.load_model(path), load_tokenizer(path)
 
 
 def test_snippet_nll(default):
@@ -40,6 +43,6 @@ def test_greedy_chat_continuation(default):
     m, tok = default
     assert tok.family == "chatml" and tok.eos_id == 2 and tok.system.startswith("You are a helpful AI assistant")
     prompt = tok.encode(tok.prompt("Write a Python function that returns the square of a number."))
-    out = M.generate(m, [prompt], max_new_tokens=40, temperature=0.0, tokenizer=tok)[0]
+    out = G.generate(m, [prompt], max_new_tokens=40, temperature=0.0, tokenizer=tok)[0]
     assert out[-1] == tok.eos_id
     assert tok.decode(out) == GOLDEN_GREEDY

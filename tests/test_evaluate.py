@@ -172,7 +172,7 @@ def gen_args(shared_dir, ckpt, samples, out, *extra):
 
 
 def test_generation_appends_and_resumes_without_duplicates(tmp_path, shared_dir, tiny_ckpt, monkeypatch):
-    import model as M
+    import generate as G
     s, out = tmp_path / "s.jsonl", tmp_path / "r.json"
     assert E.main(gen_args(shared_dir, tiny_ckpt, s, out)) == 0
     lines = s.read_text().splitlines()
@@ -184,8 +184,8 @@ def test_generation_appends_and_resumes_without_duplicates(tmp_path, shared_dir,
     # Interrupted: the last sample lost and half a line written. The rerun regenerates exactly what is missing.
     s.write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])
     calls = []
-    real = M.generate
-    monkeypatch.setattr(M, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = G.generate
+    monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert E.main(gen_args(shared_dir, tiny_ckpt, s, out)) == 0
     assert s.read_text().splitlines() == lines and len(calls) == 1            # same samples, no duplicates
 

@@ -327,7 +327,7 @@ def test_merge_cli_errors(tiny_ckpt, tmp_path, capsys):
 @pytest.mark.slow
 def test_merge_cli_default_model(tmp_path):
     """The README's path on the real default model (SmolLM2-135M-Instruct, tied embeddings): no --model given."""
-    from model import default_model_path
+    from default_model import default_model_path
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2]])
     model = load_model(default_model_path(), device="cpu")
     with torch.no_grad():

