@@ -872,14 +872,26 @@ def section_mechanism(c: Collected, figs: Path) -> tuple:
     if spread:
         text += ["Spread of the drop across quintiles (max - min; smaller = more equal): " +
                  ", ".join(f"{label(r)[2:]} {v:.3f}" for r, v in spread.items()) + ".", ""]
+    # Per-example paired drops (base NLL - run NLL) cancel the two splits' different difficulty; the gap is how much
+    # more the trained-on examples improved than unseen ones of the same data.
     gap_rows = []
     for run, rows_ in c.scores.items():
-        tr = np.mean([r["nll"] for r in rows_ if r["split"] == "train"])
-        ho = np.mean([r["nll"] for r in rows_ if r["split"] == "heldout"])
-        numbers["gap"][run] = {"train": tr, "heldout": ho, "gap": ho - tr}
-        gap_rows.append([label(run), f"{tr:.3f}", f"{ho:.3f}", f"{ho - tr:+.3f}"])
-    text += ["Generalization gap: mean response NLL on the training split and on the held-out split of the same "
-             "data:", "", md_table(["run", "train NLL", "held-out NLL", "gap"], gap_rows)]
+        nll = {part: np.array([r["nll"] for r in rows_ if r["split"] == part]) for part in ("train", "heldout")}
+        base = {part: np.array([r["nll"] for r in c.scores["base"] if r["split"] == part]) for part in nll}
+        drop = {part: float(np.mean(base[part] - nll[part])) for part in nll}
+        numbers["gap"][run] = {"train": float(nll["train"].mean()), "heldout": float(nll["heldout"].mean()),
+                               "train_median": float(np.median(nll["train"])),
+                               "heldout_median": float(np.median(nll["heldout"])),
+                               "drop_train": drop["train"], "drop_heldout": drop["heldout"],
+                               "gap": drop["train"] - drop["heldout"]}
+        g = numbers["gap"][run]
+        gap_rows.append([label(run), f"{g['train']:.3f} ({g['train_median']:.3f})",
+                         f"{g['heldout']:.3f} ({g['heldout_median']:.3f})", f"{g['drop_train']:+.3f}",
+                         f"{g['drop_heldout']:+.3f}", f"{g['gap']:+.3f}"])
+    text += ["Generalization: mean (median) response NLL on the training split and on the held-out split of the same "
+             "data, each example's drop from the base model, and the gap between the two drops (how much more the "
+             "trained-on examples improved than unseen ones):", "",
+             md_table(["run", "train NLL", "held-out NLL", "drop, train", "drop, held-out", "gap"], gap_rows)]
     numbers["spread"] = spread
     plt = _plt()
     if plt and c.metrics:
