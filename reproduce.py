@@ -489,8 +489,10 @@ def resolve(args) -> Study:
 
 
 def check_preset_unchanged(s: Study):
-    """A results folder belongs to one configuration: refuse to mix stages run under different settings."""
-    now = {"preset": asdict(s.preset), "model": str(s.model_path), "data": str(s.data_path)}
+    """A results folder belongs to one configuration (the preset's settings, the model by name, the data by content):
+    refuse to mix in stages run under different ones."""
+    now = {"preset": asdict(s.preset), "model": s.model_path.name,
+           "data_sha256": hashlib.sha256(s.data_path.read_bytes()).hexdigest()}
     now["preset"].pop("rates")
     now = json.loads(json.dumps(now))                       # tuples as the file holds them: lists
     f = s.out / "preset.json"
@@ -498,7 +500,7 @@ def check_preset_unchanged(s: Study):
         before = read_json(f)
         diff = sorted(k for k in set(before["preset"]) | set(now["preset"])
                       if before["preset"].get(k) != now["preset"].get(k))
-        diff += [k for k in ("model", "data") if before[k] != now[k]]
+        diff += [k for k in ("model", "data_sha256") if before.get(k) != now[k]]
         if diff:
             raise UsageError(f"{f}: this folder was made with other settings ({', '.join(diff)}); "
                              f"use another --out or remove it")

@@ -56,7 +56,7 @@ FIELD_PAIRS = [("instruction", "response"), ("Instruction", "Response"), ("instr
 # Command line (defaults: Appendix C.1)
 # ----------------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LoRA fine-tuning: FT or IB-FT (information-bottleneck regularized).")
     p.add_argument("--method", default="ibft", help="ft (Eq. (1)) or ibft (Eq. (IB-FT))")
     p.add_argument("--layer", type=int, default=20, help="l*: bottleneck the output of this decoder block (1..L-1)")
@@ -126,7 +126,12 @@ def parse_args(argv=None):
     p.add_argument("--mink-k", type=float, default=20, help="K of Min-K%% Prob for --prune mink")
     p.add_argument("--grand-seeds", type=int, default=3, help="LoRA initializations GRAND scores are averaged over")
     p.add_argument("--log-every", type=int, default=1)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, checked: a bad value is a UsageError naming the flag."""
+    args = build_parser().parse_args(argv)
     if args.method not in ("ft", "ibft"):
         raise UsageError(f"--method must be ft or ibft, got '{args.method}'")
     for flag in ("batch_size", "grad_accum", "max_len", "lora_r", "bottleneck_dim", "kl_pad_to"):

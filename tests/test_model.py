@@ -28,6 +28,29 @@ def test_kv_cache_greedy_equals_recompute(tiny_ckpt):
     assert got[0] == greedy_by_recompute(m, prompt, 20)
 
 
+def test_family_switches_qkv_bias_and_qk_norm(tiny_ckpt):
+    """The family switches (ModelArgs.qkv_bias, qk_norm) add their tensors and run through every path: the model
+    names the new tensors (so checkpoints load them), and the KV-cache decoder agrees with recomputation."""
+    from conftest import TINY_CONFIG
+    from reproduce import random_weights
+    args = M.ModelArgs.from_config(TINY_CONFIG)
+    args.qkv_bias, args.qk_norm = True, True
+    with torch.device("meta"):
+        names = set(M.Transformer(args).state_dict())
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.k_norm.weight"} <= names
+    assert "model.layers.0.self_attn.o_proj.bias" not in names                       # o has no bias
+    m = M.Transformer(args)
+    weights = random_weights(TINY_CONFIG, seed=3)
+    weights.update({k: torch.randn(v.shape, generator=torch.Generator().manual_seed(4)) * 0.3
+                    for k, v in m.state_dict().items() if k not in weights})
+    m.load_state_dict(weights)
+    m.eval().requires_grad_(False)
+    prompt = [5, 17, 33, 101, 7]
+    assert G.generate(m, [prompt], max_new_tokens=12, eos_ids=set())[0] == greedy_by_recompute(m, prompt, 12)
+    plain = M.load_model(tiny_ckpt)
+    assert not hasattr(plain.model.layers[0].self_attn, "q_norm")                 # llama: neither switch
+
+
 def test_batched_left_padding_equals_alone(tiny_ckpt):
     m = M.load_model(tiny_ckpt)
     prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 100, 200], [42] * 5]
