@@ -34,8 +34,8 @@ def fail(prog: str, error) -> int:
 def read_records(path, what: str = "") -> tuple:
     """(rows, where): the JSON objects of a JSONL file (blank lines skipped; .gz read through gzip) or of a .json file
     (or any file starting with "["): a list of objects, or {"data": [...]}; and for each one "file:line" (or
-    "file: item i"). A malformed line is a UsageError
-    naming file:line; `what` (e.g. "--data") prefixes a missing file's message."""
+    "file: item i"). A malformed line is a UsageError naming file:line; `what` (e.g. "--data") prefixes a missing
+    file's message."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{what + ' ' if what else ''}{path}: no such file")

@@ -449,8 +449,16 @@ def is_complete(s: Study, stage: str) -> bool:
     return f.exists() and read_json(f).get("status") == "complete"
 
 
+def is_ready(s: Study, stage: str) -> bool:
+    """Complete, and what later stages need from it is here: a training stage's adapter lives in work/, which is not
+    committed, so on a fresh checkout the run is trained again (same seed, same data) before it is evaluated."""
+    if stage.startswith("train_") and not (s.run_dir(stage[len("train_"):]) / "adapter_model.safetensors").exists():
+        return False
+    return is_complete(s, stage)
+
+
 def run_stage(s: Study, st: Stage, argv: list):
-    missing = [x for x in st.deps if not is_complete(s, x)]
+    missing = [x for x in st.deps if not is_ready(s, x)]
     if missing:
         raise UsageError(f"stage {st.name} needs {', '.join(missing)} first (add them to --stages)")
     d = s.stage_dir(st.name)
@@ -997,7 +1005,7 @@ def main(argv=None) -> int:
                 f"{k} {v:g} tok/s" for k, v in s.preset.rates.items() if k in ("score", "train", "generate")))
             total = 0.0
             for st in chosen:
-                done = is_complete(s, st.name) and st.name not in args.force
+                done = is_ready(s, st.name) and st.name not in args.force
                 est = estimate_minutes(s, st.name)
                 total += 0 if done else est
                 print(f"  {st.name:<16} {'done' if done else f'~{est:6.1f} min':>12}  {st.what}")
@@ -1009,7 +1017,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(s.stage_dir(st.name), ignore_errors=True)
                 if st.name.startswith("train_"):
                     shutil.rmtree(s.run_dir(st.name[len("train_"):]), ignore_errors=True)
-            elif is_complete(s, st.name):
+            elif is_ready(s, st.name):
                 print(f"== {st.name}: complete, skipped", flush=True)
                 continue
             run_stage(s, st, argv)

