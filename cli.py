@@ -1,5 +1,5 @@
-"""What every command line of the project shares: reading its input files (JSONL/JSON records with their line
-numbers), writing its outputs atomically, the usage-error convention (one line naming the file, line or flag; exit
+"""What every command line of the project shares: reading its input files (JSONL/JSON/Parquet records with their line
+or row numbers), writing its outputs atomically, the usage-error convention (one line naming the file, line or flag; exit
 status 2), and the flags that name a model (--model, --adapter, --template).
 
     rows, where = read_records("data.jsonl")     # where[i] = "data.jsonl:7", for error messages
@@ -32,13 +32,15 @@ def fail(prog: str, error) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 def read_records(path, what: str = "") -> tuple:
-    """(rows, where): the JSON objects of a JSONL file (blank lines skipped; .gz read through gzip) or of a .json file
-    (or any file starting with "["): a list of objects, or {"data": [...]}; and for each one "file:line" (or
-    "file: item i"). A malformed line is a UsageError naming file:line; `what` (e.g. "--data") prefixes a missing
+    """(rows, where): the JSON objects of a JSONL file (blank lines skipped; .gz read through gzip), of a .json file
+    (or any file starting with "["): a list of objects, or {"data": [...]}, or the rows of a .parquet file (through
+    pyarrow); and for each one "file:line" (or "file: item i", "file: row i"). A malformed line is a UsageError naming file:line; `what` (e.g. "--data") prefixes a missing
     file's message."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{what + ' ' if what else ''}{path}: no such file")
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
     with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
         text = f.read()
     if path.suffix == ".json" or text.lstrip().startswith("["):
@@ -56,6 +58,18 @@ def read_records(path, what: str = "") -> tuple:
         rows.append(obj)
         where.append(f"{path}:{n}")
     return rows, where
+
+
+def _read_parquet(path: Path) -> tuple:
+    try:
+        import pyarrow.parquet as pq                  # optional: only Parquet files need it
+    except ImportError:
+        raise UsageError(f"{path}: reading Parquet needs the pyarrow package (pip install pyarrow)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:                            # pyarrow's own errors: not a Parquet file, corrupt, ...
+        raise UsageError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e})") from None
+    return rows, [f"{path}: row {i}" for i in range(len(rows))]
 
 
 def _read_json_list(path: Path, text: str) -> tuple:

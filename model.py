@@ -2,7 +2,9 @@
 
 This is the base model f_theta of the paper (Sec. 2, Eq. (1)); LoRA (lora.py) and the variational bottleneck
 (bottleneck.py, Alg. 1) attach to it. It covers the paper's base models (DeepSeek-Coder-7B-Instruct-v1.5,
-DeepSeek-Coder-7B-base-v1.5, CodeLlama-7B-Instruct, Meta-Llama-3-8B) and the embedded default, SmolLM2-135M-Instruct.
+DeepSeek-Coder-7B-base-v1.5, CodeLlama-7B-Instruct, Meta-Llama-3-8B) and the embedded default, SmolLM2-135M-Instruct,
+and the families that differ from Llama by a switch (FAMILY_FLAGS, by config.json's model_type): Qwen2/2.5(-Coder)
+(q/k/v biases), Qwen3 (per-head q/k norms) and Mistral (sliding-window attention).
 
     input_ids (B, T)
       -> embed_tokens                         h_0 (B, T, H)
@@ -39,6 +41,9 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # What distinguishes each supported family (config.json's model_type) from the Llama layout, as ModelArgs switches.
 FAMILY_FLAGS = {
     "llama": {},                        # Llama 2/3, CodeLlama, DeepSeek-Coder v1.5, SmolLM2
+    "mistral": {},                      # the Llama layout; its sliding_window (a size or null) is read below
+    "qwen2": {"qkv_bias": True},        # Qwen2, Qwen2.5, Qwen2.5-Coder: biases on q/k/v, none on o
+    "qwen3": {"qk_norm": True},         # Qwen3: RMSNorm over head_dim on q and k, per head, before RoPE
 }
 
 
@@ -58,6 +63,8 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False               # biases on q/k/v (not on o)
     qk_norm: bool = False                # an RMSNorm over head_dim on q and on k, per head, before RoPE
+    sliding_window: Optional[int] = None  # a key is visible to a query at most sliding_window - 1 positions back
+    eos_token_ids: tuple = ()            # config.json's (+ generation_config.json's, load_model) EOS ids
     path: str = ""
 
     @classmethod
@@ -76,8 +83,7 @@ class ModelArgs:
         for key in ("attention_bias", "mlp_bias"):
             if cfg.get(key):
                 raise CheckpointError(f"{where}: {key}=true is not implemented (Llama without biases only)")
-        if cfg.get("sliding_window") not in (None, False):
-            raise CheckpointError(f"{where}: sliding_window={cfg['sliding_window']} is not implemented")
+        window = _sliding_window(cfg, model_type, where)
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise CheckpointError(f"{where}: hidden_act '{act}' is not implemented (silu only)")
@@ -115,8 +121,30 @@ class ModelArgs:
             intermediate_size=need("intermediate_size"), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta), rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **scaling},
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), **FAMILY_FLAGS[model_type],
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), sliding_window=window,
+            eos_token_ids=tuple(_ids(cfg.get("eos_token_id"))), **FAMILY_FLAGS[model_type],
         )
+
+
+def _ids(value) -> list:
+    """An id field of config.json / generation_config.json (an int, a list of ints or null) as a list."""
+    return [value] if isinstance(value, int) else [v for v in value or () if isinstance(v, int)]
+
+
+def _sliding_window(cfg: dict, model_type: str, where: str) -> Optional[int]:
+    """The attention window of every layer, or None for full attention. Mistral: `sliding_window` (a size, or null).
+    Qwen2/Qwen3 write a `sliding_window` size but use it only with `use_sliding_window: true` (then on some layers
+    only, which is not implemented); with false it is ignored, as transformers does. Llama has no window."""
+    size = cfg.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
+            raise CheckpointError(f"{where}: use_sliding_window=true is not implemented (Qwen's per-layer window)")
+        return None
+    if size is None or size is False:
+        return None
+    if model_type != "mistral" or not isinstance(size, int) or size < 1:
+        raise CheckpointError(f"{where}: sliding_window={size} is not implemented for model_type '{model_type}'")
+    return size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,12 +328,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def attention_mask_4d(attention_mask, T, start, S):
-    """Boolean (B, 1, T, S) mask: query i (absolute position start+i) sees key j <= start+i that is not padding.
-    A padding query also sees itself, so that no row is fully masked (which would give NaN)."""
+def attention_mask_4d(attention_mask, T, start, S, window=None):
+    """Boolean (B, 1, T, S) mask: query i (absolute position start+i) sees key j <= start+i that is not padding
+    (and, with a sliding window, j > start+i - window). A padding query also sees itself, so that no row is fully
+    masked (which would give NaN)."""
     q_pos = torch.arange(start, start + T, device=attention_mask.device)[:, None]    # (T, 1)
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]                   # (1, S)
     causal = k_pos <= q_pos                                                          # (T, S)
+    if window is not None:
+        causal = causal & (k_pos > q_pos - window)                                   # Mistral's sliding window
     real = attention_mask[:, None, None, :S].bool()                                  # (B, 1, 1, S)
     return (causal & real) | (k_pos == q_pos)
 
@@ -348,9 +379,11 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)                       # (B, T, H)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
         mask = None
-        if attention_mask is not None or start > 0:
+        window = self.config.sliding_window
+        window = window if window is not None and start + T > window else None     # shorter: the window sees all
+        if attention_mask is not None or start > 0 or window is not None:
             am = attention_mask if attention_mask is not None else torch.ones(B, start + T, device=x.device)
-            mask = attention_mask_4d(am, T, start, start + T)
+            mask = attention_mask_4d(am, T, start, start + T, window)
         h_layer = x if hidden_layer == 0 else None
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -412,7 +445,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.config, pos[:, None], x.dtype)   # (A, 1, 1, D)
         key_pos = torch.arange(S, device=pos.device)
         bias = torch.zeros((len(pos), 1, 1, S), dtype=x.dtype, device=pos.device)
-        bias.masked_fill_((key_pos > pos[:, None])[:, None, None], float("-inf"))
+        hidden = key_pos > pos[:, None]                           # (A, S): the future
+        if self.config.sliding_window is not None:
+            hidden |= key_pos <= pos[:, None] - self.config.sliding_window   # and what left the window
+        bias.masked_fill_(hidden[:, None, None], float("-inf"))
         for layer, cache in zip(self.model.layers, caches):
             x = layer.decode(x, cos, sin, bias, cache, pos)
         return self.step_logits(x[:, 0])
@@ -513,6 +549,16 @@ def read_config(path) -> dict:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
 
 
+def checkpoint_eos_ids(path: Path, ids=()) -> list:
+    """ids + the EOS ids generation_config.json lists (Qwen2.5 instruct: <|im_end|> and <|endoftext|>), in order."""
+    gen_file = Path(path) / "generation_config.json"
+    try:
+        gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    except ValueError as e:
+        raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
+    return list(dict.fromkeys([*ids, *_ids(gen.get("eos_token_id"))]))
+
+
 def load_model(path=None, dtype=None, device=None) -> Transformer:
     """Load a Llama-family HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct) in eval mode."""
     from safetensors import safe_open
@@ -521,6 +567,7 @@ def load_model(path=None, dtype=None, device=None) -> Transformer:
     dtype = dtype or default_dtype(device)
     args = ModelArgs.from_config(read_config(path), where=str(path / "config.json"))
     args.path = str(path)
+    args.eos_token_ids = tuple(checkpoint_eos_ids(path, args.eos_token_ids))
     with torch.device("meta"):
         model = Transformer(args)
     params = dict(model.named_parameters())

@@ -27,6 +27,7 @@ Stages, each writing under results/<preset>/<stage>/ and skipped once its stage.
 Adapters, checkpoints and the materialized data subsets live in results/<preset>/work/ (not committed).
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -161,7 +162,10 @@ def read_jsonl(path: Path) -> list:
     return read_records(path)[0]
 
 
+@functools.lru_cache(maxsize=None)
 def versions() -> dict:
+    """The code and machine a run used, read once when its first stage starts: the modules a stage uses are loaded
+    then, so a later edit to the working tree does not make a running study's record wrong."""
     import torch
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -214,11 +218,15 @@ def tofu_path() -> Optional[Path]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def stage_split(s: Study, d: Path):
-    import train
+    import data
     from tokenizer import load_tokenizer
     p = s.preset
-    records, _ = read_records(s.data_path, "--data")
-    fields = train.pick_fields(records, None, None, s.data_path)
+    records, where = read_records(s.data_path, "--data")
+    fmt = data.detect_format(records, s.data_path)
+    if fmt.kind == "messages":
+        raise UsageError(f"{s.data_path}: the study needs one instruction and one response per record "
+                         f"(Alpaca or instruction/response fields), not multi-turn messages")
+    fields = (fmt.prompt, fmt.response)
     tok = load_tokenizer(s.model_path)
     order = np.random.default_rng(p.seed).permutation(len(records)).tolist()     # a fixed, seeded subset
     chosen, lengths = [], {}
@@ -227,7 +235,8 @@ def stage_split(s: Study, d: Path):
         r = records[i]
         if not isinstance(r.get(fields[1]), str) or not r[fields[1]].strip():
             continue
-        prompt, response = tok.encode_example(str(r[fields[0]]), r[fields[1]])
+        user, assistant = fmt.messages(r, where[i])                                # Alpaca's input joins the instruction
+        prompt, response = tok.encode_example(user["content"], assistant["content"])
         if len(prompt) + len(response) <= p.max_len:                              # no example is truncated
             chosen.append(i)
             lengths[i] = len(prompt) + len(response)
@@ -237,8 +246,8 @@ def stage_split(s: Study, d: Path):
         raise UsageError(f"{s.data_path}: only {len(chosen)} examples fit --max-len {p.max_len}")
     heldout, train_idx = chosen[:p.n_heldout], chosen[p.n_heldout:]
     for part, idx in (("train", train_idx), ("heldout", heldout)):
-        write_jsonl(s.split_file(part), [{"instruction": records[i][fields[0]], "response": records[i][fields[1]],
-                                          "_record": i} for i in idx])
+        write_jsonl(s.split_file(part), [{"instruction": fmt.messages(records[i], where[i])[0]["content"],
+                                          "response": records[i][fields[1]], "_record": i} for i in idx])
     digest = hashlib.sha256(s.data_path.read_bytes()).hexdigest()
     write_json(d / "split.json", {
         "data": str(s.data_path), "sha256": digest, "records": len(records), "fields": list(fields),
@@ -464,6 +473,7 @@ def run_stage(s: Study, st: Stage, argv: list):
     d = s.stage_dir(st.name)
     d.mkdir(parents=True, exist_ok=True)
     print(f"\n== {st.name} ({st.what}) ==", flush=True)
+    versions()
     t0 = time.time()
     summary = st.fn(s, d)
     wall = time.time() - t0

@@ -1,15 +1,23 @@
-"""The tokenizer of a checkpoint folder and the prompt templates of the model families in use (Sec. 5.1, Appendix C.1).
+"""The tokenizer of a checkpoint folder and the chat templates of the model families in use (Sec. 5.1, Appendix C.1).
 
     tok = load_tokenizer(path)                       # tokenizer.json, tokenizer_config.json, generation_config.json
-    prompt_ids, response_ids = tok.encode_example(instruction, response)    # the response ends with EOS
+    ids, trained = tok.encode_messages(messages)     # a conversation; the loss sees the assistant turns only
+    prompt_ids, response_ids = tok.encode_example(instruction, response)    # one turn; the response ends with EOS
 
-Four families, detected from the checkpoint's chat template (a --template flag overrides it):
-    chatml     <|im_start|>user ... <|im_end|>              SmolLM2-Instruct, Qwen
-    deepseek   User: ...\n\nAssistant:                       DeepSeek-Coder-7B-Instruct-v1.5
-    codellama  [INST] ... [/INST]                           CodeLlama-Instruct
-    alpaca     ### Instruction: ... ### Response:           base models (Evol-CodeAlpaca's prompt)
+Template families, detected from the checkpoint's chat template (a --template flag overrides it). Each renders a
+conversation as the checkpoint's own Jinja chat_template does (tests/test_templates.py checks the text against the
+real template strings in tests/fixtures/chat_templates.json):
+    chatml          <|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n   SmolLM2, Qwen2/2.5(-Coder), Qwen3
+    llama3          <|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>   Llama-3-Instruct
+    mistral         [INST] ...[/INST]                                        Mistral-Instruct v0.3
+    mistral-v1       [INST] ... [/INST]                                      Mistral-Instruct v0.1, v0.2
+    codellama       [INST] ... [/INST]  (with <<SYS>> for a system turn)     CodeLlama-Instruct
+    deepseek-coder  ### Instruction:\n...\n### Response:\n                    DeepSeek-Coder-Instruct (7B-v1.5 too)
+    deepseek        User: ...\n\nAssistant:                                   DeepSeek-LLM chat
+    alpaca          ### Instruction: ... ### Response:                         base models (Evol-CodeAlpaca's prompt)
 """
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +29,21 @@ from default_model import default_model_path
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
           "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-FAMILIES = ("chatml", "deepseek", "codellama", "alpaca")
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                "### Input:\n{input}\n\n### Response:\n")
+FAMILIES = ("chatml", "llama3", "mistral", "mistral-v1", "codellama", "deepseek-coder", "deepseek", "alpaca")
+BOS_FAMILIES = ("llama3", "mistral", "mistral-v1", "codellama", "deepseek-coder", "deepseek")  # templates open with BOS
+DEEPSEEK_CODER_SYSTEM = ("You are an AI programming assistant, utilizing the Deepseek Coder model, developed by Deepseek "
+                         "Company, and you only answer questions related to computer science. For politically sensitive "
+                         "questions, security and privacy issues, and other non-computer science questions, you will "
+                         "refuse to answer")
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass
 class Tokenizer:
-    """`tokenizers` wrapper with the ids and the prompt template of one model family."""
+    """`tokenizers` wrapper with the ids and the chat template of one model family."""
     tok: object
     bos_id: Optional[int]
     eos_id: int
@@ -34,7 +51,8 @@ class Tokenizer:
     eos_ids: set = field(default_factory=set)
     family: str = "alpaca"
     adds_bos: bool = False          # does the checkpoint's tokenizer put BOS in front of a text?
-    system: str = ""                # ChatML default system prompt, from the checkpoint's chat template
+    system: str = ""                # the default system prompt of the checkpoint's chat template (ChatML)
+    think: bool = False             # Qwen3's template: an empty <think></think> before the last answer
 
     def encode(self, text, add_bos=None) -> list:
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -49,26 +67,153 @@ class Tokenizer:
     def vocab_size(self):
         return self.tok.get_vocab_size()
 
-    def prompt(self, instruction: str) -> str:
-        """The templated prompt text; the response starts right after it."""
-        if self.family == "chatml":        # SmolLM2-Instruct
-            sys_part = f"<|im_start|>system\n{self.system}<|im_end|>\n" if self.system else ""
-            return f"{sys_part}<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
-        if self.family == "deepseek":      # DeepSeek-Coder-7B-Instruct-v1.5 (DeepSeek-LLM chat format)
-            return f"User: {instruction}\n\nAssistant:"
-        if self.family == "codellama":     # CodeLlama-Instruct
-            return f"[INST] {instruction.strip()} [/INST]"
-        return ALPACA.format(instruction=instruction)      # base models (Evol-CodeAlpaca's prompt)
+    def _text(self, i) -> str:
+        return self.tok.id_to_token(i) if i is not None else ""
 
-    def response_text(self, response: str) -> str:
-        """How a response follows the prompt in the family's template (before EOS)."""
-        if self.family == "codellama":
-            return " " + response.strip()
-        return " " + response if self.family == "deepseek" else response
+    # -- the chat template, piece by piece ---------------------------------------------------------------------
+    def turns(self, messages, add_generation_prompt=False) -> list:
+        """The conversation as the family's chat template renders it, cut into pieces (text, trained): trained
+        marks an assistant turn's content and the token that ends it, what Eq. (1)'s loss sees. The template's
+        leading BOS is not a piece: encode_messages adds it where the checkpoint's tokenizer does."""
+        messages = check_messages(messages)
+        system, rest = (messages[0]["content"], messages[1:]) if messages[0]["role"] == "system" else (None, messages)
+        eos, bos = self._text(self.eos_id), self._text(self.bos_id)
+        out = []
+        if self.family == "chatml":        # SmolLM2 and Qwen2/2.5 put a default system turn first; Qwen3 none
+            system = self.system if system is None else system
+            if system:
+                out.append((f"<|im_start|>system\n{system}<|im_end|>\n", False))
+            for i, m in enumerate(rest):
+                if m["role"] == "user":
+                    out.append((f"<|im_start|>user\n{m['content']}<|im_end|>\n", False))
+                elif self.think and i == len(rest) - 1:   # Qwen3: an empty thought before the last answer
+                    out += [("<|im_start|>assistant\n<think>\n\n</think>\n\n", False),
+                            (m["content"].lstrip("\n") + "<|im_end|>", True), ("\n", False)]
+                else:
+                    out += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
+            if add_generation_prompt:       # Qwen3: its non-thinking mode (enable_thinking=False), as trained
+                out.append(("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if self.think else ""), False))
+        elif self.family == "llama3":      # Llama-3-Instruct: contents are trimmed
+            head = "<|start_header_id|>{}<|end_header_id|>\n\n"
+            for m in messages:
+                if m["role"] == "assistant":
+                    out += [(head.format("assistant"), False), (m["content"].strip() + "<|eot_id|>", True)]
+                else:
+                    out.append((head.format(m["role"]) + m["content"].strip() + "<|eot_id|>", False))
+            if add_generation_prompt:
+                out.append((head.format("assistant"), False))
+        elif self.family in ("mistral", "mistral-v1"):
+            # v0.3 on: "[INST] u[/INST] a</s>", a system turn joins the user turn only when it is the LAST message
+            # (so a training conversation drops it, as the template does). v0.1/v0.2: " [INST] u [/INST] a</s>",
+            # the system turn joins the first user turn.
+            v1 = self.family == "mistral-v1"
+            for i, m in enumerate(rest):
+                if m["role"] == "user":
+                    joins = system is not None and (i == 0 if v1 else i == len(rest) - 1)
+                    content = f"{system}\n\n{m['content']}" if joins else m["content"]
+                    out.append((f" [INST] {content} [/INST]" if v1 else f"[INST] {content}[/INST]", False))
+                else:
+                    out.append((" " + (m["content"] if v1 else m["content"].strip()) + eos, True))
+        elif self.family == "codellama":   # CodeLlama-Instruct: BOS before every user turn, contents trimmed
+            for i, m in enumerate(rest):
+                if m["role"] == "user":
+                    content = m["content"] if i or system is None else f"<<SYS>>\n{system}\n<</SYS>>\n\n{m['content']}"
+                    out.append(((bos if i else "") + f"[INST] {content.strip()} [/INST]", False))
+                else:
+                    out.append((" " + m["content"].strip() + " " + eos, True))
+        elif self.family == "deepseek-coder":   # DeepSeek-Coder-Instruct (1.3b .. 33b, 7b-v1.5): a default system text
+            out.append((DEEPSEEK_CODER_SYSTEM + "\n" if system is None else system, False))
+            for m in rest:
+                if m["role"] == "user":
+                    out.append((f"### Instruction:\n{m['content']}\n", False))
+                else:
+                    out += [("### Response:\n", False), (m["content"] + "\n<|EOT|>", True), ("\n", False)]
+            if add_generation_prompt:
+                out.append(("### Response:\n", False))
+        elif self.family == "deepseek":    # the DeepSeek-LLM chat format
+            if system is not None:
+                out.append((system + "\n\n", False))
+            for m in rest:
+                if m["role"] == "user":
+                    out.append((f"User: {m['content']}\n\n", False))
+                else:
+                    out += [("Assistant:", False), (" " + m["content"] + eos, True)]
+            if add_generation_prompt:
+                out.append(("Assistant:", False))
+        else:                              # alpaca: base models (Evol-CodeAlpaca's prompt); no system turn
+            for m in rest:
+                if m["role"] == "user":        # an Alpaca record's input (data.py) gets its own block
+                    inst, inp = m.get("alpaca") or (m["content"], "")
+                    out.append((ALPACA_INPUT.format(instruction=inst, input=inp) if inp else
+                                ALPACA.format(instruction=inst), False))
+                else:
+                    out.append((m["content"] + eos, True))
+        return out
+
+    def render(self, messages, add_generation_prompt=False) -> str:
+        """The conversation's text, as the checkpoint's chat_template renders it (BOS included where it does)."""
+        bos = self._text(self.bos_id) if self.family in BOS_FAMILIES else ""
+        return bos + "".join(text for text, _ in self.turns(messages, add_generation_prompt))
+
+    def encode_messages(self, messages) -> tuple:
+        """(ids, trained): the conversation's token ids and, per token, whether the loss sees it (the assistant
+        turns, each through the token that ends it). Runs of pieces are encoded separately at the trained/untrained
+        boundaries; the untrained tail after the last assistant turn is left out."""
+        pieces = self.turns(messages)
+        while pieces and not pieces[-1][1]:
+            pieces.pop()
+        if not pieces:
+            raise ValueError("the conversation has no assistant turn to learn from")
+        ids, trained = [], []
+        for flag in _runs(pieces):
+            text = "".join(t for t, f in flag)
+            part = self.encode(text, add_bos=None if not ids else False)
+            ids += part
+            trained += [flag[0][1]] * len(part)
+        return ids, trained
+
+    def prompt(self, instruction: str, system: Optional[str] = None) -> str:
+        """The templated prompt text of one user turn; the response starts right after it."""
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": instruction}]
+        return "".join(text for text, _ in self.turns(messages, add_generation_prompt=True))
 
     def encode_example(self, instruction: str, response: str) -> tuple:
-        """(prompt_ids, response_ids): BOS where the family uses one; the response ends with EOS."""
-        return self.encode(self.prompt(instruction)), self.encode(self.response_text(response), add_bos=False) + [self.eos_id]
+        """(prompt_ids, response_ids) of one turn: BOS where the family uses one; the response ends with EOS."""
+        ids, trained = self.encode_messages([{"role": "user", "content": instruction},
+                                             {"role": "assistant", "content": response}])
+        n = trained.index(True)
+        return ids[:n], ids[n:]
+
+
+def _runs(pieces) -> list:
+    """Consecutive pieces with the same trained flag, grouped."""
+    out = []
+    for p in pieces:
+        if out and out[-1][-1][1] == p[1]:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def check_messages(messages) -> list:
+    """A conversation: an optional system turn first, then user and assistant turns alternating, starting with a
+    user turn; every content a string. Raises ValueError saying what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be {{\"role\": system|user|assistant, \"content\": string}}")
+        if m["role"] == "system" and i:
+            raise ValueError(f"message {i}: a system turn may only come first")
+    rest = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, m in enumerate(rest):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError("turns must alternate user/assistant, starting with user")
+    if not rest:
+        raise ValueError("no user turn")
+    return messages
 
 
 def _detect_family(chat_template: Optional[str]) -> str:
@@ -76,13 +221,28 @@ def _detect_family(chat_template: Optional[str]) -> str:
         return "alpaca"
     if "<|im_start|>" in chat_template:
         return "chatml"
-    if "[INST]" in chat_template:
+    if "<|start_header_id|>" in chat_template:
+        return "llama3"
+    if "<<SYS>>" in chat_template:
         return "codellama"
+    if "' [INST] '" in chat_template:
+        return "mistral-v1"
+    if "[INST]" in chat_template:
+        return "mistral"
+    if "### Instruction:" in chat_template and "<|EOT|>" in chat_template:
+        return "deepseek-coder"
     if "User: " in chat_template and "Assistant:" in chat_template:
         return "deepseek"
     print("warning: unrecognized chat template; using the Alpaca-style prompt (pass --template to choose)",
           file=sys.stderr)
     return "alpaca"
+
+
+def _default_system(chat_template: Optional[str]) -> str:
+    """The system prompt a ChatML template writes when the conversation has none (SmolLM2: "You are a helpful AI
+    assistant named SmolLM, ..."; Qwen2.5: "You are Qwen, created by Alibaba Cloud. ..."), or ""."""
+    m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}+\\]*?)<\|im_end\|>", chat_template or "")
+    return m.group(1) if m else ""
 
 
 def load_tokenizer(path=None, family=None) -> Tokenizer:
@@ -132,8 +292,9 @@ def load_tokenizer(path=None, family=None) -> Tokenizer:
     fam = family or _detect_family(template)
     if fam not in FAMILIES:
         raise ValueError(f"unknown template family '{fam}' (choose from {', '.join(FAMILIES)})")
-    system = ""
-    if fam == "chatml" and template and "You are a helpful AI assistant named SmolLM" in template:
-        system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    system = _default_system(template) if fam == "chatml" else ""
+    end_of_turn = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "deepseek-coder": "<|EOT|>"}.get(fam)
+    if end_of_turn and tok.token_to_id(end_of_turn) is not None:    # a base model's EOS may be another token
+        eos_ids.add(tok.token_to_id(end_of_turn))
     return Tokenizer(tok=tok, bos_id=bos, eos_id=eos, pad_id=pad if pad is not None else eos, eos_ids=eos_ids,
-                     family=fam, adds_bos=adds_bos, system=system)
+                     family=fam, adds_bos=adds_bos, system=system, think=fam == "chatml" and "<think>" in (template or ""))

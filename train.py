@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import data
 import lora
 from cli import UsageError, add_model_flags, atomic_write, fail, read_records, write_json, write_text
 from bottleneck import IBConfig, VariationalBottleneck, ib_terms, ibft_loss, kl_count
@@ -49,7 +50,6 @@ from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO / "data" / "default_instruct.jsonl"
-FIELD_PAIRS = [("instruction", "response"), ("Instruction", "Response"), ("instruction", "output")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=20, help="l*: bottleneck the output of this decoder block (1..L-1)")
     add_model_flags(p, adapter=False)
     p.add_argument("--data", default=None, help="JSONL or JSON instruction data (default: data/default_instruct.jsonl)")
-    p.add_argument("--instruction-field", default=None, help="field of the instruction (auto: instruction/Instruction)")
-    p.add_argument("--response-field", default=None, help="field of the response (auto: response/Response/output)")
+    p.add_argument("--instruction-field", default=None, help="field of the instruction (default: the format is "
+                   "detected: messages, Alpaca, instruction/response, Instruction/Response, instruction/output, ...)")
+    p.add_argument("--response-field", default=None, help="field of the response (default: detected, see above)")
     p.add_argument("--out", default="runs/ibft", help="RUN_DIR")
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "RMS-normalized, a choice of this implementation)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler (the paper's setting: "
-                        "'mixed float16 precision')")
+                        "'mixed float16 precision'); bf16/fp16 also run on the CPU (slowly: for tests)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint")
@@ -148,53 +149,21 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: instruction/response pairs -> token ids with labels on the response only
+# Data: examples (data.py) -> right-padded batches with labels on the trained tokens only
 # ----------------------------------------------------------------------------------------------------------------
 
-def pick_fields(records, instruction_field, response_field, path):
-    if instruction_field and response_field:
-        return instruction_field, response_field
-    for i, r in FIELD_PAIRS:
-        if i in records[0] and r in records[0]:
-            return instruction_field or i, response_field or r
-    raise UsageError(f"{path}: cannot find instruction/response fields in {sorted(records[0])}"
-                     f" (use --instruction-field and --response-field)")
-
-
-def tokenize(records, where, tok, fields, max_len):
-    """-> examples [(ids, n_prompt)], the index of each one's record, stats. The loss sees response tokens (and the
-    EOS after them) only. where[i] names record i's file and line for errors."""
-    fi, fr = fields
-    examples, source, truncated, dropped = [], [], 0, 0
-    for n, r in enumerate(records):
-        if fi not in r or fr not in r:
-            raise UsageError(f"{where[n]}: missing field '{fi if fi not in r else fr}'")
-        if not isinstance(r[fr], str) or not r[fr].strip():
-            raise UsageError(f"{where[n]}: empty response")
-        prompt_ids, response_ids = tok.encode_example(str(r[fi]), r[fr])
-        ids = prompt_ids + response_ids
-        if len(ids) > max_len:
-            truncated += 1
-            ids = ids[:max_len]
-            if len(prompt_ids) >= max_len:   # nothing of the response is left to learn from
-                dropped += 1
-                continue
-        examples.append((ids, len(prompt_ids)))
-        source.append(n)
-    return examples, source, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
-
-
 def collate(examples, pad_id, device):
-    """Right-padded (B, T) ids and attention mask; label_mask[b, t] is True where position t predicts a response
-    token (t + 1 >= n_prompt); targets are those next tokens, in row-major order."""
+    """Examples (ids, trained) -> right-padded (B, T) ids and attention mask; label_mask[b, t] is True where
+    position t predicts a trained token (trained[t + 1]: an assistant turn's); targets are those next tokens, in
+    row-major order."""
     T = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     attn = torch.zeros((len(examples), T), dtype=torch.long)
     label = torch.zeros((len(examples), T), dtype=torch.bool)
-    for b, (row, n_prompt) in enumerate(examples):
+    for b, (row, trained) in enumerate(examples):
         ids[b, :len(row)] = torch.tensor(row)
         attn[b, :len(row)] = 1
-        label[b, n_prompt - 1:len(row) - 1] = True
+        label[b, :len(row) - 1] = torch.tensor(trained[1:], dtype=torch.bool)
     targets = ids[:, 1:][label[:, :-1]]
     return ids.to(device), attn.to(device), label.to(device), targets.to(device)
 
@@ -222,11 +191,13 @@ def shard(batch, rank, world):
 # Data selection baselines (Table 1): FT w/ Min-K% and FT w/ GRAND
 # ----------------------------------------------------------------------------------------------------------------
 
-def select_mink(model, tok, records, fields, keep, k):
-    """Drop the most memorized examples (lowest Min-K% Prob on the base model, Sec. 3), keep the fraction `keep`."""
+def select_mink(model, examples, keep, k):
+    """Drop the most memorized examples (lowest Min-K% Prob of their trained tokens on the base model, Sec. 3),
+    keep the fraction `keep`."""
     import mink
-    scores = mink.score_examples(model, tok, [{"p": r[fields[0]], "r": r[fields[1]]} for r in records], k=k,
-                                 prompt_field="p", response_field="r")
+    values = mink.token_logprobs(model, [ids for ids, _ in examples], [t for _, t in examples],
+                                 mink.default_batch_size(model))
+    scores = [mink.min_k(v, k) for v in values]
     return mink.prune_indices(scores, 1.0 - keep), scores                 # the same subset as `mink.py prune`
 
 
@@ -437,7 +408,7 @@ class Run:
     tok: object
     vib: Optional[VariationalBottleneck]
     ddp: nn.Module                      # Objective, wrapped in DDP when world > 1
-    examples: list                      # [(ids, n_prompt)] kept for training
+    examples: list                      # [(ids, trained)] kept for training (data.encode)
     plan: list                          # global micro-batches of the whole run
     grad_accum: int
     total_steps: int
@@ -470,28 +441,28 @@ def init_process(args) -> tuple:
 
 
 def load_examples(args, tok, data_path) -> tuple:
-    """(records, fields, examples, source, stats): the data file, read and tokenized (tokenize)."""
+    """(format, examples, source, stats): the data file, read, its format detected and tokenized (data.py)."""
     records, where = read_records(data_path, "--data")
     if not records:
         raise UsageError(f"{data_path}: no examples")
-    fields = pick_fields(records, args.instruction_field, args.response_field, data_path)
-    examples, source, stats = tokenize(records, where, tok, fields, args.max_len)
+    fmt = data.detect_format(records, data_path, args.instruction_field, args.response_field)
+    examples, source, stats = data.encode(tok, records, where, fmt, args.max_len)
     if not examples:
         raise UsageError(f"{data_path}: no example has a response token left within --max-len {args.max_len}")
-    return records, fields, examples, source, stats
+    return fmt, examples, source, stats
 
 
-def add_lora_and_select(args, model, tok, records, fields, examples, source) -> tuple:
+def add_lora_and_select(args, model, examples, pad_id) -> tuple:
     """Inject LoRA (Appendix C.1) and apply --prune (Table 1's baselines). Returns (kept indices, targets)."""
     kept = list(range(len(examples)))
     if args.prune == "mink":                                    # scored on the base model, before LoRA
-        kept, _ = select_mink(model, tok, [records[i] for i in source], fields, args.keep, args.mink_k)
+        kept, _ = select_mink(model, examples, args.keep, args.mink_k)
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     lora.inject_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
                   rslora=args.rslora, generator=torch.Generator().manual_seed(args.seed))
     if args.prune == "grand":                                   # scored at LoRA initializations, then reset
         init = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
-        kept, _ = select_grand(model, examples, tok.pad_id, args.keep, args.grand_seeds, args)
+        kept, _ = select_grand(model, examples, pad_id, args.keep, args.grand_seeds, args)
         lora.load_lora_state_dict(model, init, "initial LoRA weights")
     return kept, targets
 
@@ -535,8 +506,11 @@ def setup(args) -> Run:
     world, rank, local_rank, device = init_process(args)
     grad_accum = resolve_grad_accum(args, world)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if precision != "fp32" and device.type != "cuda":
-        raise UsageError(f"--precision {precision} needs CUDA (on the CPU train in fp32)")
+    if precision != "fp32" and device.type == "cpu" and rank == 0:
+        # The same mixed-precision path as on a GPU (torch's CPU autocast; fp16 with a CPU GradScaler), so that it
+        # is tested without one; bf16 matrix products are ~100x slower than fp32 on a CPU without AMX.
+        print(f"note: --precision {precision} on the CPU runs the GPU's mixed-precision code path; it is much slower "
+              f"than fp32 here", file=sys.stderr)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model_path = Path(args.model) if args.model else default_model_path()
     data_path = Path(args.data) if args.data else DEFAULT_DATA
@@ -548,10 +522,10 @@ def setup(args) -> Run:
     if args.method == "ibft" and not 1 <= args.layer <= n_layers - 1:
         raise UsageError(f"--layer must be in 1..{n_layers - 1} for this model ({n_layers} layers), got {args.layer}")
     tok = load_tokenizer(model_path, family=args.template)
-    records, fields, examples, source, stats = load_examples(args, tok, data_path)
+    fmt, examples, source, stats = load_examples(args, tok, data_path)
 
     # LoRA, the data selection baselines, the bottleneck; then the dropout stream of this process.
-    kept, targets = add_lora_and_select(args, model, tok, records, fields, examples, source)
+    kept, targets = add_lora_and_select(args, model, examples, tok.pad_id)
     examples = [examples[i] for i in kept]
     model.gradient_checkpointing = args.gradient_checkpointing
     model.train()
@@ -573,14 +547,14 @@ def setup(args) -> Run:
         raise UsageError(f"{data_path}: not enough examples for one batch of {args.batch_size * world}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, args.warmup_ratio,
                                                                       hf=args.hf_warmup))
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     run = Run(args, device, world, rank, amp_dtype, model_path, Path(args.out), model, tok, vib, ddp, examples,
               plan, grad_accum, total_steps, opt, sched, scaler)
 
     # The resolved config beside the run; resume.
     config = dict(vars(args), model=str(model_path), data=str(data_path), precision=precision, world_size=world,
                   grad_accum=grad_accum, global_batch_size=args.batch_size * world * grad_accum,
-                  total_steps=total_steps, data_stats=stats, kept_examples=len(examples), fields=list(fields),
+                  total_steps=total_steps, data_stats=stats, kept_examples=len(examples), data_format=fmt.describe(),
                   template=tok.family, lora_targets=list(targets))
     if args.prune != "none":      # which records (0-based, in file order) the run trained on
         config["kept_records"] = [source[i] for i in kept]
@@ -603,7 +577,7 @@ def step_batches(run: Run, step: int) -> tuple:
     # global micro-batch and uses its own rows of it (see VariationalBottleneck.sample).
     noise = []
     for b in global_batches:
-        n = [sum(len(examples[i][0]) - examples[i][1] for i in shard(b, r, world)) for r in range(world)]
+        n = [sum(sum(examples[i][1]) for i in shard(b, r, world)) for r in range(world)]
         noise.append((sum(n[:rank]), sum(n)))
     counts = torch.tensor([float(sum(int(lab.sum()) for _, _, lab, _ in batches)),
                            float(sum(int(attn.sum()) for _, attn, _, _ in batches)),

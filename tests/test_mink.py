@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import cli
 import mink
 import model as M
 from default_model import default_model_path
@@ -91,6 +92,11 @@ def tiny(tmp_path_factory):
     return path, M.load_model(path), load_tokenizer(path)
 
 
+def mask(spec, n):
+    """A row's scored tokens as bools: encode_examples' mask, or the int position of the first scored token."""
+    return [t >= spec for t in range(n)] if isinstance(spec, int) else spec
+
+
 def direct_values(model, rows, starts, normalize=False):
     """One unpadded example at a time, full logits, float64 log-softmax over every position."""
     out = []
@@ -103,7 +109,7 @@ def direct_values(model, rows, starts, normalize=False):
             mu = (p * logp).sum(-1)
             sigma = ((p * logp ** 2).sum(-1) - mu ** 2).sqrt()
             lp = (lp - mu) / sigma
-        out.append(lp[s - 1:])
+        out.append(lp[torch.tensor(mask(s, len(ids))[1:])])
     return out
 
 
@@ -134,9 +140,11 @@ def test_what_is_scored(tiny):
     _, m, tok = tiny
     rows, starts = mink.encode_examples(tok, EXAMPLES[:1])
     p, r = tok.encode_example(EXAMPLES[0]["instruction"], EXAMPLES[0]["response"])
-    assert rows[0] == p + r and starts[0] == len(p) and r[-1] == tok.eos_id     # response tokens only, EOS included
+    assert rows[0] == p + r and r[-1] == tok.eos_id                               # response tokens only, EOS included
+    assert starts[0] == [False] * len(p) + [True] * len(r)
     rows, starts = mink.encode_examples(tok, EXAMPLES[:1], text_field="text")
-    assert rows[0] == tok.encode("the cat sat") and starts[0] == 1                # every token after the first
+    assert rows[0] == tok.encode("the cat sat")                                    # every token after the first
+    assert starts[0] == [False] + [True] * (len(rows[0]) - 1)
     # a two-token text has one scored token: its score is that token's NLL whatever K is
     two = [{"t": "ab"}]
     rows, _ = mink.encode_examples(tok, two, text_field="t")
@@ -146,8 +154,8 @@ def test_what_is_scored(tiny):
         assert mink.score_examples(m, tok, two, k=k, text_field="t")[0] == pytest.approx(nll, abs=1e-5)
     with pytest.raises(mink.ExampleError, match="no token to score"):
         mink.score_examples(m, tok, [{"t": "a"}], text_field="t")
-    with pytest.raises(mink.ExampleError, match="no field 'instruction'"):
-        mink.score_examples(m, tok, [{"question": "q", "answer": "a"}])
+    with pytest.raises(cli.UsageError, match="cannot tell the data format"):
+        mink.score_examples(m, tok, [{"q": "q", "a": "a"}])
 
 
 def test_minkpp_matches_full_distribution(tiny):
@@ -205,7 +213,7 @@ def test_pooled_hidden_is_the_mean_over_scored_tokens(tiny):
     got = mink.pooled_hidden(m, rows, layer=2, pool_from=starts, batch_size=3)
     for g, r, s in zip(got, rows, starts):
         _, h = m(torch.tensor([r]), hidden_layer=2)                     # (1, T, H), no padding
-        torch.testing.assert_close(g, h[0, s:].mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, h[0, torch.tensor(s)].mean(0), atol=1e-5, rtol=1e-5)
     got = mink.pooled_hidden(m, rows, layer=0, batch_size=2)          # default: every token after the first
     for g, r in zip(got, rows):
         torch.testing.assert_close(g, m.model.embed_tokens.weight[r[1:]].mean(0), atol=1e-6, rtol=1e-6)
@@ -221,8 +229,8 @@ def test_pooled_hidden_at_the_last_layer_is_the_pre_norm_state(tiny):
         h_final, h_last = m.trunk(ids, hidden_layer=m.num_layers)
         assert torch.equal(h_last, h_final)
         torch.testing.assert_close(m.logits(h_final), m(ids))           # the final norm comes after it
-        torch.testing.assert_close(g, h_final[0, s:].mean(0), atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(g, m.model.norm(h_final)[0, s:].mean(0), atol=1e-3)
+        torch.testing.assert_close(g, h_final[0, torch.tensor(s)].mean(0), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(g, m.model.norm(h_final)[0, torch.tensor(s)].mean(0), atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,7 +277,7 @@ def test_cli_rejects_bad_input_naming_file_and_line(tiny, tmp_path, capsys):
     assert not out.exists()
     write_jsonl(data, [EXAMPLES[0], {"question": "q", "answer": "a"}])
     assert mink.main(["--model", str(path), "--data", str(data), "--out", str(out)]) == 2
-    assert f"{data}:2: example 1 has no field 'instruction'" in capsys.readouterr().err
+    assert f"{data}:2: example 1: missing field 'instruction'" in capsys.readouterr().err
     assert not out.exists()
     assert mink.main(["--data", str(data), "--out", str(out), "--text-field", "t", "--prompt-field", "q"]) == 2
     assert "--text-field excludes --prompt-field" in capsys.readouterr().err
@@ -395,5 +403,5 @@ def test_default_model_scores(shared_dir):
     for s, ids, start in zip(batched, rows, starts):
         with torch.no_grad():
             logp = hf(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
-        lp = logp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)[start - 1:]
+        lp = logp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)[torch.tensor(start[1:])]
         assert s == pytest.approx(mink.min_k(lp, 20), abs=1e-4)

@@ -81,6 +81,24 @@ def test_generation_stops_at_eos_and_drops_finished_rows(tiny_ckpt):
     assert cut[1] == alone
 
 
+def test_generation_stops_at_the_checkpoints_eos_ids_without_a_tokenizer(tiny_ckpt):
+    """Every EOS id of config.json and generation_config.json (Qwen2.5-Instruct lists two) ends a sample, also
+    when generate() is called without a tokenizer; eos_ids=() turns them off."""
+    prompt = [5, 17, 33, 101]
+    free = G.generate(M.load_model(tiny_ckpt), [prompt], max_new_tokens=15, eos_ids=())[0]
+    a, b = list(dict.fromkeys(free))[:2]                    # the first two distinct tokens, a first
+    ia, ib = free.index(a), free.index(b)
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    (tiny_ckpt / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 999}))
+    (tiny_ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [b, a]}))
+    m = M.load_model(tiny_ckpt)
+    assert m.config.eos_token_ids == (999, b, a)
+    assert G.generate(m, [prompt], max_new_tokens=15)[0] == free[:ia + 1]
+    (tiny_ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": b}))
+    assert G.generate(M.load_model(tiny_ckpt), [prompt], max_new_tokens=15)[0] == free[:ib + 1]
+    assert G.generate(m, [prompt], max_new_tokens=15, eos_ids=())[0] == free
+
+
 def test_stop_strings(tiny_ckpt):
     m = M.load_model(tiny_ckpt)
     tok = load_tokenizer(tiny_ckpt)
@@ -150,9 +168,13 @@ def test_tied_embeddings_share_storage(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (lambda c: c.pop("hidden_size"), "missing key 'hidden_size'"),
-    (lambda c: c.update(model_type="mistral"), "model_type 'mistral'"),
-    (lambda c: c.update(sliding_window=4096), "sliding_window"),
+    (lambda c: c.update(model_type="gemma"), "model_type 'gemma' is not supported"),
+    (lambda c: c.update(model_type="qwen2_moe"), "model_type 'qwen2_moe'"),
+    (lambda c: c.update(sliding_window=4096), "sliding_window=4096 is not implemented for model_type 'llama'"),
+    (lambda c: c.update(model_type="qwen2", sliding_window=8, use_sliding_window=True), "use_sliding_window=true"),
+    (lambda c: c.update(model_type="mistral", sliding_window=0), "sliding_window=0"),
     (lambda c: c.update(attention_bias=True), "attention_bias"),
+    (lambda c: c.update(model_type="qwen3", attention_bias=True), "attention_bias"),
     (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
 ])
 def test_bad_config_is_refused(tiny_ckpt, change, match):
@@ -206,7 +228,9 @@ def test_tokenizer_templates(tiny_ckpt):
         "<|im_start|>user\nAdd two numbers.<|im_end|>\n<|im_start|>assistant\n"
         "def add(a, b):\n    return a + b<|im_end|>")
     assert len(tok.encode("123")) == 3  # digits split one by one
-    for fam, head in [("alpaca", "Below is an instruction"), ("codellama", "[INST] "), ("deepseek", "User: ")]:
+    for fam, head in [("alpaca", "Below is an instruction"), ("codellama", "[INST] "), ("deepseek", "User: "),
+                      ("mistral", "[INST] x[/INST]"), ("mistral-v1", " [INST] x [/INST]"),
+                      ("deepseek-coder", "You are an AI programming assistant"), ("llama3", "<|start_header_id|>")]:
         t = load_tokenizer(tiny_ckpt, family=fam)
         assert t.prompt("x").startswith(head)
     with pytest.raises(ValueError, match="family"):

@@ -72,3 +72,47 @@ def test_metrics_keys_means_and_bootstrap_intervals():
     assert iv2 == iv                                                         # seeded
     table = E.format_table([("run", met, iv)], [1, 5, 10], [2, 5, 10])
     assert "Pass@10^(5)" in table.splitlines()[0] and "| run |" in table
+
+
+def test_default_metrics_shrink_to_the_samples_explicit_ones_stay():
+    D = ([1, 5, 10], [2, 5, 10])
+    want = {1: ["pass@1"], 3: ["pass@1"], 4: ["pass@1"],        # n = 3: K = 1, no m <= 1 among the defaults
+            5: ["pass@1", "pass@5", "pass@5^(2)", "pass@5^(5)"], 9: ["pass@1", "pass@5", "pass@5^(2)", "pass@5^(5)"],
+            10: E.metric_names(*D), 25: E.metric_names(*D)}
+    for n, names in want.items():
+        ks, ms, omitted = E.fit_metrics(*D, n, k_given=False, m_given=False)
+        assert E.metric_names(ks, ms) == names, n
+        assert omitted == [x for x in E.metric_names(*D) if x not in names]
+    assert E.fit_metrics(*D, 1, False, False)[2] == ["pass@5", "pass@10", "pass@10^(2)", "pass@10^(5)",
+                                                     "pass@10^(10)", "pass@5^(5)"]
+    # Every n: what is kept is computable (k <= n, m <= K), named once, and equals a direct computation.
+    for n in range(1, 13):
+        ks, ms, omitted = E.fit_metrics(*D, n, k_given=False, m_given=False)
+        names = E.metric_names(ks, ms)
+        assert len(names) == len(set(names)) and not set(names) & set(omitted)
+        assert max(ks) <= n and all(m <= max(ks) for m in ms)
+        met, _ = E.compute_metrics([(n, c) for c in range(n + 1)], ks, ms, bootstrap=0)
+        assert list(met) == names
+        for name in names:
+            assert met[name] == pytest.approx(np.mean([E.per_problem(name, n, c) for c in range(n + 1)]))
+    # Explicit values are never dropped (the caller refuses them when they need more samples)...
+    assert E.fit_metrics([1, 5], [2, 3], 2, k_given=True, m_given=True) == ([1, 5], [2, 3], [])
+    # ...but an explicit --k keeps only the default m up to its largest k.
+    assert E.fit_metrics([1, 3], [2, 5, 10], 3, k_given=True, m_given=False) == ([1, 3], [2],
+                                                                                 ["pass@3^(5)", "pass@3^(10)"])
+
+
+def test_parse_args_marks_explicit_k_and_m():
+    base = ["--benchmark", "humaneval", "--samples", "s", "--out", "o"]
+    a = E.parse_args(base)
+    assert (a.k, a.m, a.k_given, a.m_given, a.covered_only) == ([1, 5, 10], [2, 5, 10], False, False, False)
+    a = E.parse_args(base + ["--k", "1", "5", "10", "--covered-only"])
+    assert (a.k, a.k_given, a.m_given, a.covered_only) == ([1, 5, 10], True, False, True)
+    a = E.parse_args(base + ["--greedy"])
+    assert (a.k, a.m, a.k_given, a.m_given) == ([1], [], True, True)
+
+
+def test_table_marks_metrics_a_row_lacks():
+    full = {"pass@1": 0.5, "pass@5": 0.75}
+    table = E.format_table([("a", full, {}), ("b", {"pass@1": 0.25}, {})], [1, 5], [])
+    assert table.splitlines()[2:] == ["| a | 50.00 | 75.00 |", "| b | 25.00 | - |"]

@@ -26,6 +26,11 @@ from bottleneck import IBConfig, VariationalBottleneck, gaussian_kl, ib_terms, i
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pair(ids, n_prompt):
+    """An example (ids, trained) whose tokens from position n_prompt on are trained (one prompt, one response)."""
+    return ids, [t >= n_prompt for t in range(len(ids))]
+
+
 def write_data(path, n=12, bad_line=None):
     rows = [json.dumps({"instruction": f"Write function number {i} that returns {i * 7}.",
                         "response": f"def f{i}():\n    return {i * 7}\n"}) for i in range(n)]
@@ -115,7 +120,7 @@ def test_ib_gradient_reaches_lora_of_layers_up_to_l_star_only(tiny_ckpt):
     for lin in L.lora_layers(m).values():                           # non-zero B, so A gets gradients too
         torch.nn.init.normal_(lin.lora_B, std=0.05)
     vib = VariationalBottleneck(m.hidden_size, IBConfig(layer=layer, dim=8))
-    ids, attn, label, tgt = T.collate([([5, 6, 7, 8, 9, 10], 2), ([11, 12, 13, 14], 1)], 2, "cpu")
+    ids, attn, label, tgt = T.collate([pair([5, 6, 7, 8, 9, 10], 2), pair([11, 12, 13, 14], 1)], 2, "cpu")
     _, h_l = m.trunk(ids, attn, hidden_layer=layer)
     kl_sum, ce_ib = ib_terms(m, vib, h_l, attn, label, tgt)
     (kl_sum / kl_count(vib.cfg, int(attn.sum()), 2) + 0.02 * ce_ib).backward()   # l_IB alone, Eq. (6)
@@ -149,11 +154,19 @@ def test_ibft_alpha_zero_is_bit_identical_to_ft(tmp_path, tiny_ckpt):
     assert (tmp_path / "ib" / "vib.safetensors").exists() and (tmp_path / "ib" / "adapter_config.json").exists()
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_ckpt, precision):
+    """Also the GPU's mixed-precision path, run on the CPU: bf16 autocast, and fp16 with the gradient scaler, whose
+    state (scale, growth tracker) is checkpointed and restored."""
     data = write_data(tmp_path / "d.jsonl", n=16)
     common = ["--model", tiny_ckpt, "--data", data, "--max-steps", 30, "--lr", 1e-3, "--layer", 2,
-              "--method", "ibft", "--save-every", 3, "--epochs", 20]
+              "--method", "ibft", "--save-every", 3, "--epochs", 20, "--precision", precision]
     run_train(*common, "--out", tmp_path / "full")
+    state = torch.load(tmp_path / "full" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert bool(state["scaler"]) == (precision == "fp16")
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["precision"] == precision
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, common), "--out", str(out)], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -202,7 +215,8 @@ def test_grand_per_example_norms_equal_one_at_a_time_loop(tiny_ckpt):
     for lin in L.lora_layers(m).values():
         torch.nn.init.normal_(lin.lora_B, std=0.05)                 # both A and B gradients non-zero
     m.train()
-    examples = [([5, 6, 7, 8, 9, 10, 11], 3), ([12, 13, 14, 15], 1), ([20, 21, 22, 23, 24, 25, 26, 27, 28], 5)]
+    examples = [pair([5, 6, 7, 8, 9, 10, 11], 3), pair([12, 13, 14, 15], 1),
+                pair([20, 21, 22, 23, 24, 25, 26, 27, 28], 5)]
     batched = T.grand_scores(m, examples, pad_id=2, batch_size=3)
     assert m.training                                               # mode restored
     params = [p for p in m.parameters() if p.requires_grad]
@@ -428,10 +442,9 @@ def test_grand_keeps_the_highest_scores(tmp_path, tiny_ckpt, monkeypatch):
 def test_mink_prune_removes_the_lowest_scores(tmp_path, tiny_ckpt, monkeypatch):
     import mink
     data = write_data(tmp_path / "d.jsonl", n=10)
-    rows = [json.loads(x) for x in data.read_text().splitlines()]
-    by_prompt = {r["instruction"]: s for r, s in zip(rows, SCORES)}
-    monkeypatch.setattr(mink, "score_examples", lambda model, tok, examples, k, prompt_field, response_field:
-                        [by_prompt[e[prompt_field]] for e in examples])
+    # Example i's token log-probs: the single value -SCORES[i], so its Min-K% score is SCORES[i] whatever K is.
+    monkeypatch.setattr(mink, "token_logprobs", lambda model, rows, scored, batch_size:
+                        [torch.tensor([-s]) for s in SCORES[:len(rows)]])
     run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--prune", "mink", "--keep", 0.7,
                      "--max-steps", 1, "--out", tmp_path / "r")
     kept = json.loads((run / "config.json").read_text())["kept_records"]
