@@ -1,6 +1,6 @@
-"""What every command line of the project shares: reading its input files (JSONL/JSON/Parquet records with their line
-or row numbers), writing its outputs atomically, the usage-error convention (one line naming the file, line or flag; exit
-status 2), and the flags that name a model (--model, --adapter, --template).
+"""What every command line of the project shares: reading its input files (JSONL/JSON/Parquet records with their
+line or row numbers), writing its outputs atomically, the usage-error convention (one line naming the file, line or
+flag; exit status 2), and the flags that name a model (--model, --adapter, --template).
 
     rows, where = read_records("data.jsonl")     # where[i] = "data.jsonl:7", for error messages
     write_json(path, obj)                        # a temporary file beside path, then a rename
@@ -34,8 +34,8 @@ def fail(prog: str, error) -> int:
 def read_records(path, what: str = "") -> tuple:
     """(rows, where): the JSON objects of a JSONL file (blank lines skipped; .gz read through gzip), of a .json file
     (or any file starting with "["): a list of objects, or {"data": [...]}, or the rows of a .parquet file (through
-    pyarrow); and for each one "file:line" (or "file: item i", "file: row i"). A malformed line is a UsageError naming file:line; `what` (e.g. "--data") prefixes a missing
-    file's message."""
+    pyarrow); and for each one "file:line" (or "file: item i", "file: row i"). A malformed line is a UsageError
+    naming file:line; `what` (e.g. "--data") prefixes a missing file's message."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{what + ' ' if what else ''}{path}: no such file")

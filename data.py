@@ -2,7 +2,7 @@
 assistant's turns only (Eq. (1)'s y). train.py and mink.py both read their --data through here.
 
     records, where = cli.read_records("train.parquet")     # JSONL (.gz), a JSON list, Parquet (through pyarrow)
-    fmt = detect_format(records, "train.parquet")           # or detect_format(..., prompt="question", response="answer")
+    fmt = detect_format(records, "train.parquet")           # or (..., prompt="question", response="answer")
     examples, source, stats = encode(tok, records, where, fmt, max_len=2048)    # [(ids, trained)]
 
 Formats, detected from the first record (--instruction-field/--response-field name a pair and win):

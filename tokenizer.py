@@ -2,7 +2,7 @@
 
     tok = load_tokenizer(path)                       # tokenizer.json, tokenizer_config.json, generation_config.json
     ids, trained = tok.encode_messages(messages)     # a conversation; the loss sees the assistant turns only
-    prompt_ids, response_ids = tok.encode_example(instruction, response)    # one turn; the response ends with EOS
+    prompt_ids, response_ids = tok.encode_example(instruction, response)    # one turn; ends with the turn's end
 
 Template families, detected from the checkpoint's chat template (a --template flag overrides it). Each renders a
 conversation as the checkpoint's own Jinja chat_template does (tests/test_templates.py checks the text against the
@@ -179,7 +179,8 @@ class Tokenizer:
         return "".join(text for text, _ in self.turns(messages, add_generation_prompt=True))
 
     def encode_example(self, instruction: str, response: str) -> tuple:
-        """(prompt_ids, response_ids) of one turn: BOS where the family uses one; the response ends with EOS."""
+        """(prompt_ids, response_ids) of one turn: BOS where the family uses one; the response ends with the token
+        that ends the turn (EOS; <|im_end|>, <|eot_id|> or <|EOT|> in the templates that use one)."""
         ids, trained = self.encode_messages([{"role": "user", "content": instruction},
                                              {"role": "assistant", "content": response}])
         n = trained.index(True)
