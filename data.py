@@ -17,7 +17,6 @@ Formats, detected from the first record (--instruction-field/--response-field na
 from dataclasses import dataclass
 
 from cli import UsageError
-from tokenizer import check_messages
 
 # (instruction, response) field names, most specific first.
 FIELD_PAIRS = [("instruction", "response"), ("Instruction", "Response"), ("instruction", "output"),
@@ -34,19 +33,14 @@ class Format:
         return "messages" if self.kind == "messages" else f"{self.kind} ({self.prompt} -> {self.response})"
 
     def messages(self, record: dict, where: str) -> list:
-        """The record as a conversation [{"role", "content"}, ...]; a bad record is a UsageError naming `where`."""
+        """The record as a conversation [{"role", "content"}, ...]; a bad pair record is a UsageError naming
+        `where` (a conversation is checked when it is encoded: encode() names `where` then)."""
         if self.kind == "messages":
             turns = record.get("messages")
-            if not isinstance(turns, list) or not turns:
-                raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-            msgs = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m for m in turns]
-            try:
-                check_messages(msgs)
-            except ValueError as e:
-                raise UsageError(f"{where}: {e}") from None
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise UsageError(f"{where}: no assistant turn to learn from")
-            return msgs
+            if isinstance(turns, list):          # role and content only: nothing else reaches the template
+                turns = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m
+                         for m in turns]
+            return turns                         # checked where it is encoded (tokenizer.check_messages)
         for name in (self.prompt, self.response):
             if name not in record:
                 raise UsageError(f"{where}: missing field '{name}'")

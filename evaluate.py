@@ -64,10 +64,14 @@ def pass_at_k_m(n: int, c: int, k: int, m: int) -> float:
     return sum(math.comb(c, j) * math.comb(n - c, k - j) for j in range(m, k + 1)) / math.comb(n, k)
 
 
+def table_columns(ks, ms) -> list:
+    """Table 1's columns: Pass@k for k in ks, then Pass@K^(m) for m in ms with K = max(ks)."""
+    return [f"pass@{k}" for k in ks] + [f"pass@{max(ks)}^({m})" for m in ms]
+
+
 def metric_names(ks, ms) -> list:
     """Table 1's columns: Pass@k for k in ks, Pass@K^(m) for m in ms with K = max(ks), then Fig. 6's Pass@k^(k)."""
-    K = max(ks)
-    names = [f"pass@{k}" for k in ks] + [f"pass@{K}^({m})" for m in ms]
+    names = table_columns(ks, ms)
     return names + [f"pass@{k}^({k})" for k in ks if k > 1 and f"pass@{k}^({k})" not in names]
 
 
@@ -109,11 +113,6 @@ def greedy_metrics(metrics: dict, intervals: dict) -> tuple:
     """One greedy (temperature 0) sample per problem: its pass rate is the paper's reading of Pass@1 (Fig. 2),
     reported under its own name so that it is never confused with the sampled, unbiased pass@1."""
     return {GREEDY: metrics["pass@1"]}, ({GREEDY: intervals["pass@1"]} if "pass@1" in intervals else {})
-
-
-def table_columns(ks, ms) -> list:
-    """Table 1's columns: Pass@k for k in ks, then Pass@K^(m) for m in ms with K = max(ks)."""
-    return [f"pass@{k}" for k in ks] + [f"pass@{max(ks)}^({m})" for m in ms]
 
 
 def format_table(rows: list, ks, ms, cols=None) -> str:

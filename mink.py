@@ -202,13 +202,18 @@ def score_examples(model, tokenizer, examples, k=K_PERCENT, score="mink", text_f
                    response_field=None, batch_size=None, max_len=None, return_counts=False, path="the examples"):
     """Min-K% (score='mink') or negated Min-K%++ (score='minkpp') per example, in input order; lower = more
     memorized. batch_size None: default_batch_size. With return_counts=True also the scored-token counts."""
+    rows, scored = encode_examples(tokenizer, examples, text_field, prompt_field, response_field,
+                                   max_len or model.config.max_position_embeddings, path)
+    return score_tokens(model, rows, scored, k, score, batch_size, return_counts)
+
+
+def score_tokens(model, rows, scored, k=K_PERCENT, score="mink", batch_size=None, return_counts=False):
+    """score_examples on rows already tokenized: token ids and their scored masks (encode_examples, data.encode)."""
     if score not in SCORES:
         raise ValueError(f"unknown score '{score}' (choose from {', '.join(SCORES)})")
     if not 0 < k <= 100:
         raise ValueError(f"k is a percentage in (0, 100], got {k}")
-    rows, start = encode_examples(tokenizer, examples, text_field, prompt_field, response_field,
-                                  max_len or model.config.max_position_embeddings, path)
-    values = token_logprobs(model, rows, start, batch_size or default_batch_size(model), normalize=(score == "minkpp"))
+    values = token_logprobs(model, rows, scored, batch_size or default_batch_size(model), normalize=(score == "minkpp"))
     scores = [min_k(v, k) for v in values]
     return (scores, [v.numel() for v in values]) if return_counts else scores
 

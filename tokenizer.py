@@ -163,7 +163,7 @@ class Tokenizer:
         while pieces and not pieces[-1][1]:
             pieces.pop()
         if not pieces:
-            raise ValueError("the conversation has no assistant turn to learn from")
+            raise ValueError("no assistant turn to learn from")
         ids, trained = [], []
         for flag in _runs(pieces):
             text = "".join(t for t, f in flag)

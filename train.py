@@ -195,9 +195,7 @@ def select_mink(model, examples, keep, k):
     """Drop the most memorized examples (lowest Min-K% Prob of their trained tokens on the base model, Sec. 3),
     keep the fraction `keep`."""
     import mink
-    values = mink.token_logprobs(model, [ids for ids, _ in examples], [t for _, t in examples],
-                                 mink.default_batch_size(model))
-    scores = [mink.min_k(v, k) for v in values]
+    scores = mink.score_tokens(model, [ids for ids, _ in examples], [t for _, t in examples], k)
     return mink.prune_indices(scores, 1.0 - keep), scores                 # the same subset as `mink.py prune`
 
 

@@ -443,7 +443,7 @@ def test_mink_prune_removes_the_lowest_scores(tmp_path, tiny_ckpt, monkeypatch):
     import mink
     data = write_data(tmp_path / "d.jsonl", n=10)
     # Example i's token log-probs: the single value -SCORES[i], so its Min-K% score is SCORES[i] whatever K is.
-    monkeypatch.setattr(mink, "token_logprobs", lambda model, rows, scored, batch_size:
+    monkeypatch.setattr(mink, "token_logprobs", lambda model, rows, scored, batch_size, normalize:
                         [torch.tensor([-s]) for s in SCORES[:len(rows)]])
     run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--prune", "mink", "--keep", 0.7,
                      "--max-steps", 1, "--out", tmp_path / "r")
