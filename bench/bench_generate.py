@@ -6,6 +6,9 @@
 2. Full-batch decode: `--batch-size` rows (the first problems' prompts, n = 10 each), T = 0.2, top-p 0.95, EOS
    ignored, 64 new tokens. The decode rate is 60 x 63 tokens over (time of 64 tokens - time of 1 token), so the
    prefill is not counted. Its FLOPs are 2 x parameters per token (the tied embedding counted once, as lm_head).
+   Next to it, the step's matrix products alone at the same rows (every linear layer, then the LM head, each weight
+   read once per step): the ceiling of any decoder of this model at this batch, since at 60 rows a weight streamed
+   from memory multiplies far below the square-matmul peak.
 3. Evaluation-shaped generation: the first `--problems` HumanEval problems through evaluate.py's own prompt path
    (load_problems, instruction, tok.prompt, tok.encode), n = 10, T = 0.2, top-p 0.95, up to 512 new tokens, EOS,
    all problems in one generate call at `--batch-size` slots. Tokens counted are the tokens each sample keeps
@@ -73,6 +76,25 @@ def full_batch_decode(m, prompts, rows):
     return P * N * 63 / (t64 - t1), t64
 
 
+def matmul_ceiling(m, rows, reps=7):
+    """Tokens/s of a decoding step's matrix products alone: every linear layer of the model in order, then the LM head
+    (as model.step_logits runs it), on `rows` random rows, each weight read once per step as in decoding. No
+    attention, norms, RoPE or sampling: no decoder of this model at this batch can beat it on this machine."""
+    weights = [mod.weight for mod in m.model.modules() if isinstance(mod, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    h = torch.randn(rows, m.config.hidden_size)
+
+    def step():
+        for w in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+        m.step_logits(h)
+
+    with torch.no_grad():
+        step()
+        times = sorted(timed(step)[1] for _ in range(reps))
+    return rows / times[reps // 2]
+
+
 RSS_CHILD = r"""
 import sys, torch
 sys.path.insert(0, {repo!r})
@@ -134,6 +156,10 @@ def main():
     frac = rate * 2 * n_params / 1e9 / peak
     print(f"full-batch decode, {args.batch_size} rows, 64 tokens, no EOS: {rate:.1f} tok/s "
           f"({frac:.0%} of the matmul peak; whole call {t64:.1f} s)")
+    ceiling = matmul_ceiling(m, args.batch_size)
+    print(f"its matrix products alone (every linear layer and the LM head, {args.batch_size} rows, each weight read "
+          f"once per step): {ceiling:.1f} tok/s ({ceiling * 2 * n_params / 1e9 / peak:.0%} of the matmul peak); "
+          f"the decode runs at {rate / ceiling:.0%} of that")
 
     work = prompts[:args.problems]
     outs, t = timed(lambda: G.generate(m, work, MAX_NEW, temperature=T, top_p=TOP_P, n=N, tokenizer=tok, seed=0,
