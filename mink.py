@@ -474,11 +474,11 @@ def cmd_geometry(args):
         if rows is None:                                                     # same tokenizer for base and adapters
             try:
                 max_len = args.max_len or model.config.max_position_embeddings
-                rows, starts = encode_examples(tok, examples[:len(scores)], args.text_field, args.prompt_field,
+                rows, scored = encode_examples(tok, examples[:len(scores)], args.text_field, args.prompt_field,
                                                args.response_field, max_len, args.data)
             except ExampleError as e:
                 raise UsageError(f"{where[e.index]}: {e}") from None
-        hidden = pooled_hidden(model, [rows[i] for i in chosen], args.layer, [starts[i] for i in chosen],
+        hidden = pooled_hidden(model, [rows[i] for i in chosen], args.layer, [scored[i] for i in chosen],
                                args.batch_size or default_batch_size(model))
         results["base" if adapter is None else f"+{Path(adapter).name}"] = pair_geometry(hidden, pairs, index_of)
         del model

@@ -229,7 +229,7 @@ def stage_split(s: Study, d: Path):
     fields = (fmt.prompt, fmt.response)
     tok = load_tokenizer(s.model_path)
     order = np.random.default_rng(p.seed).permutation(len(records)).tolist()     # a fixed, seeded subset
-    chosen, lengths = [], {}
+    chosen, lengths, pairs = [], {}, {}
     need = (p.n_train or len(records)) + p.n_heldout
     for i in order:
         r = records[i]
@@ -240,14 +240,15 @@ def stage_split(s: Study, d: Path):
         if len(prompt) + len(response) <= p.max_len:                              # no example is truncated
             chosen.append(i)
             lengths[i] = len(prompt) + len(response)
+            pairs[i] = (user["content"], assistant["content"])
         if len(chosen) == need:
             break
     if len(chosen) < p.n_heldout + 2 * p.batch_size:
         raise UsageError(f"{s.data_path}: only {len(chosen)} examples fit --max-len {p.max_len}")
     heldout, train_idx = chosen[:p.n_heldout], chosen[p.n_heldout:]
     for part, idx in (("train", train_idx), ("heldout", heldout)):
-        write_jsonl(s.split_file(part), [{"instruction": fmt.messages(records[i], where[i])[0]["content"],
-                                          "response": records[i][fields[1]], "_record": i} for i in idx])
+        write_jsonl(s.split_file(part), [{"instruction": pairs[i][0], "response": pairs[i][1], "_record": i}
+                                         for i in idx])
     digest = hashlib.sha256(s.data_path.read_bytes()).hexdigest()
     write_json(d / "split.json", {
         "data": str(s.data_path), "sha256": digest, "records": len(records), "fields": list(fields),
