@@ -952,7 +952,7 @@ def write_report(s: Study):
         text = fn(c, figs)
         if text:
             sections.append(text)
-    stage_rows = [[name, f"{meta['wall_seconds'] / 60:.1f}", meta["versions"].get("git_commit", "")[:8] +
+    stage_rows = [[name, f"{meta['wall_seconds'] / 60:.1f}", (meta["versions"].get("git_commit") or "-")[:8] +
                    ("+" if meta["versions"].get("git_dirty") else ""), meta["summary"]] for name, meta in c.done.items()]
     pending = [st.name for st in plan(p) if st.name not in c.done]
     tail = ["## Stages", "", md_table(["stage", "minutes", "commit", "summary"], stage_rows), "",

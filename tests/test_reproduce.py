@@ -78,6 +78,19 @@ def test_report_agrees_with_the_stage_outputs(smoke):
     assert set(numbers["mechanism"]["quintiles"]) == {"ft", "ibft", "ibft_raw"}
 
 
+def test_report_of_a_run_outside_a_git_checkout(smoke, tmp_path):
+    """A source copy without .git records git_commit null (versions()); the report still writes its stage table."""
+    import shutil
+    copy = tmp_path / "smoke"
+    shutil.copytree(smoke, copy, ignore=shutil.ignore_patterns("work"))
+    meta_file = copy / "split" / "stage.json"
+    meta = json.loads(meta_file.read_text())
+    meta["versions"].update(git_commit=None, git_dirty=False)
+    meta_file.write_text(json.dumps(meta))
+    assert R.main(["--preset", "smoke", "--out", str(tmp_path), "--stages", "report"]) == 0
+    assert "| split | " in (copy / "RESULTS.md").read_text()
+
+
 def test_rerun_skips_complete_stages_and_force_redoes_one(smoke, capsys):
     out = str(smoke.parent)
     before = (smoke / "eval_ft" / "stage.json").read_text()
