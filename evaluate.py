@@ -227,6 +227,21 @@ def postprocess(text: str, benchmark: str, stop_strings=()) -> str:
     return text
 
 
+def first_block_closed(tok):
+    """generate's stop_when for evaluation: True once a sample's text holds a closed fenced code block. postprocess
+    keeps the first block only, so nothing a sample writes after it is ever scored: ending the sample there leaves
+    every completion byte for byte the same and saves those tokens. The text is decoded (as the samples file's "raw"
+    is) only after a token that holds a backtick."""
+    ticks = {i for i in range(tok.vocab_size) if "`" in tok.decode([i], skip_special_tokens=False)}
+
+    def stop(tokens) -> bool:
+        if tokens[-1] not in ticks:
+            return False
+        m = _FENCE.search(tok.decode(tokens))
+        return m is not None and m.group(0).endswith("```")   # else the first block is open (it ends at \Z)
+    return stop
+
+
 def sandbox_job(benchmark: str, problem: dict, completion: str, timeout: float) -> dict:
     if benchmark.startswith("verilogeval"):
         return {"kind": "verilog", "source": sandbox.verilogeval_source(problem, completion), "timeout": timeout}
@@ -313,9 +328,10 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
             print(f"  {done[0]}/{len(todo)} problems ({time.time() - t0:.0f} s)", flush=True)
 
     # One call for all problems: the sampler keeps its batch full (continuous batching) until the work runs out.
+    # A sample ends at EOS, a stop string, max_new_tokens, or once its first code block closes (all that is scored).
     G.generate(net, prompts, args.max_new_tokens, temperature=temperature, top_p=args.top_p, n=args.n,
                stop_strings=stops or None, tokenizer=tok, seed=args.seed, batch_size=args.batch_size,
-               on_prompt_done=save)
+               on_prompt_done=save, stop_when=first_block_closed(tok))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -115,10 +115,11 @@ class _Slots:
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eos_ids=None, stop_strings=None,
-             tokenizer=None, seed=0, batch_size=64, on_prompt_done=None) -> list:
+             tokenizer=None, seed=0, batch_size=64, on_prompt_done=None, stop_when=None) -> list:
     """Sample n continuations of each prompt (lists of token ids). Returns len(prompts) * n lists of new tokens,
-    prompt-major, each ending at (and including) EOS or the token that completed a stop string. EOS ids: by default
-    every one the checkpoint names (model.config.eos_token_ids) and the tokenizer's; eos_ids=() disables them.
+    prompt-major, each ending at (and including) EOS, the token that completed a stop string, or the token after
+    which stop_when(new tokens so far) first returned True. EOS ids: by default every one the checkpoint names
+    (model.config.eos_token_ids) and the tokenizer's; eos_ids=() disables them.
     on_prompt_done(i, samples), when given, receives prompt i's n samples as soon as the last of them ends (so a
     caller can save its work per prompt while the batch goes on).
 
@@ -148,7 +149,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eo
     def finished(sample) -> bool:
         t = sample.tokens
         done = t[-1] in eos_ids or len(t) == max_new_tokens or bool(stop_strings) and any(
-            s in tokenizer.decode(t[-window:], skip_special_tokens=False) for s in stop_strings)
+            s in tokenizer.decode(t[-window:], skip_special_tokens=False) for s in stop_strings) or bool(
+            stop_when is not None and stop_when(t))
         if done:
             i = sample.out // n
             left[i] -= 1

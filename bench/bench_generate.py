@@ -14,7 +14,9 @@
    all problems in one generate call at `--batch-size` slots. Tokens counted are the tokens each sample keeps
    (up to and including EOS). Its rate over the full-batch decode rate says how full the batch stays; the tail
    (the last samples finishing one by one) weighs less in a full 164-problem run than here, so the projected
-   minutes (seconds per problem x 164) are an upper estimate.
+   minutes (seconds per problem x 164) are an upper estimate. Then the same run as evaluate.py makes it, where a
+   sample also ends once its first fenced code block closes (evaluate.first_block_closed: nothing after it is
+   scored), and its projected minutes.
 4. Peak RSS (VmHWM) of a fresh process that loads the model and runs the sampler at 64 slots with room for
    512 new tokens (every token treated as EOS, so each sample ends at once: its cache is allocated and
    written in full, prompts are prefilled and slots refilled, but no long decode is run).
@@ -100,7 +102,7 @@ import sys, torch
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {bench!r})
 import model as M
-from bench_generate import humaneval_prompts
+from bench_generate import G, default_model_path, humaneval_prompts, load_tokenizer
 m, tok = M.load_model(default_model_path()), load_tokenizer(default_model_path())
 prompts = humaneval_prompts(tok, 7)
 G.generate(m, prompts, {max_new}, temperature=0.2, top_p=0.95, n=10, eos_ids=set(range(m.config.vocab_size)),
@@ -171,6 +173,11 @@ def main():
           f"({at_limit} at the {MAX_NEW}-token limit) in {t:.1f} s: {gen_rate:.1f} tok/s, "
           f"{gen_rate / rate:.0%} of the full-batch decode rate")
     print(f"projected full HumanEval (164 problems x {N}): {t / args.problems * 164 / 60:.1f} min")
+    outs, t = timed(lambda: G.generate(m, work, MAX_NEW, temperature=T, top_p=TOP_P, n=N, tokenizer=tok, seed=0,
+                                       batch_size=args.batch_size, stop_when=evaluate.first_block_closed(tok)))
+    kept = sum(len(o) for o in outs)
+    print(f"as evaluate.py runs it (a sample also ends once its first code block closes): {kept} kept tokens in "
+          f"{t:.1f} s: {kept / t:.1f} tok/s; projected full HumanEval {t / args.problems * 164 / 60:.1f} min")
 
     if not args.skip_rss:
         print(f"peak RSS, sampler at 64 slots, room for {MAX_NEW} new tokens: {peak_rss_mib()} MiB")

@@ -27,6 +27,33 @@ def test_postprocess_fences_stop_strings_and_continuations():
     assert E.postprocess(v, "verilogeval-human").startswith("module top_module")
 
 
+def test_generation_stops_once_the_first_code_block_closes(tiny_ckpt):
+    """first_block_closed ends a sample at the token that closes its first code block (not before, not after), and
+    the completion is then the one the whole text would give; a text with no closed block is never stopped."""
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_ckpt)
+    stop = E.first_block_closed(tok)
+    cases = [  # (text, the text up to its first block's closing ```, or None)
+        ("Sure:\n```python\ndef f(x):\n    return x\n```\nIt returns x.\n```python\nprint(f(2))\n```\n",
+         "Sure:\n```python\ndef f(x):\n    return x\n```"),
+        ("Use ```code``` like this:\n````python\n    return 1\n````\nDone",      # inline ticks open the block
+         "Use ```code``` like this:\n```"),
+        ("```\nx = 1\n```", "```\nx = 1\n```"),
+        ("no code at all", None),
+        ("```python\ndef f():\n    pass\n``", None),                              # still open
+        ("inline ```x``` only", None)]
+    for text, closes in cases:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        hits = [k for k in range(1, len(ids) + 1) if stop(ids[:k])]
+        if closes is None:
+            assert hits == [], text
+            continue
+        k = hits[0]
+        assert len(tok.decode(ids[:k - 1])) < len(closes) <= len(tok.decode(ids[:k])), text
+        assert E.postprocess(tok.decode(ids[:k]), "humaneval") == E.postprocess(text, "humaneval"), text
+
+
 def test_verilog_whole_design_rule():
     p = {"prompt": "module top_module (input a, output y);\n", "test": "TB\n"}
     assert S.verilogeval_source(p, "  assign y = a;\nendmodule\n") == \

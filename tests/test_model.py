@@ -112,6 +112,18 @@ def test_stop_strings(tiny_ckpt):
     assert stop not in tok.decode(got[:-1], skip_special_tokens=False)
 
 
+def test_stop_when_ends_a_sample_after_the_token_it_accepts(tiny_ckpt):
+    m = M.load_model(tiny_ckpt)
+    prompts = [[5, 6, 7], [8, 9]]
+    free = G.generate(m, prompts, max_new_tokens=12, temperature=0.8, n=3, eos_ids=set(), seed=1)
+    got = G.generate(m, prompts, max_new_tokens=12, temperature=0.8, n=3, eos_ids=set(), seed=1, batch_size=2,
+                     stop_when=lambda t: len(t) == 6 or t[-1] % 5 == 0)
+    assert any(len(g) < 6 for g in got) and any(len(g) == 6 for g in got)    # both conditions were met
+    for f, g in zip(free, got):
+        k = next(i + 1 for i in range(12) if i + 1 == 6 or f[i] % 5 == 0)
+        assert g == f[:k]                   # the tokens before the stop are the unstopped sample's
+
+
 def test_logits_at_and_hidden_layer(tiny_ckpt):
     m = M.load_model(tiny_ckpt)
     ids = torch.randint(3, 300, (2, 10))
