@@ -148,9 +148,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eo
 
     def finished(sample) -> bool:
         t = sample.tokens
-        done = t[-1] in eos_ids or len(t) == max_new_tokens or bool(stop_strings) and any(
-            s in tokenizer.decode(t[-window:], skip_special_tokens=False) for s in stop_strings) or bool(
-            stop_when is not None and stop_when(t))
+        done = (t[-1] in eos_ids or len(t) == max_new_tokens
+                or bool(stop_strings) and any(s in tokenizer.decode(t[-window:], skip_special_tokens=False)
+                                              for s in stop_strings)
+                or stop_when is not None and bool(stop_when(t)))
         if done:
             i = sample.out // n
             left[i] -= 1
