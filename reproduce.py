@@ -266,8 +266,8 @@ def stage_split(s: Study, d: Path):
 def score_rows(model, tok, examples, prompt_field, response_field, batch_size) -> list:
     """Per example: Min-20% Prob (Sec. 3), the mean NLL of the response tokens, and their count."""
     import mink
-    rows, start = mink.encode_examples(tok, examples, prompt_field=prompt_field, response_field=response_field)
-    values = mink.token_logprobs(model, rows, start, batch_size)
+    rows, scored = mink.encode_examples(tok, examples, prompt_field=prompt_field, response_field=response_field)
+    values = mink.token_logprobs(model, rows, scored, batch_size)
     return [{"mink": mink.min_k(v, mink.K_PERCENT), "nll": -float(v.mean()), "tokens": v.numel()} for v in values]
 
 
@@ -379,8 +379,8 @@ def stage_geometry(s: Study, d: Path):
     out = {"layer": p.layer, "groups": {"most": most, "least": least}, "pairs": p.pairs, "runs": {}}
     for run in ("base", "ft", "ibft"):
         model, tok = mink.load_scored_model(s.model_path, s.adapter(run), device=s.device)
-        rows, starts = mink.encode_examples(tok, [examples[i] for i in chosen])
-        hidden = mink.pooled_hidden(model, rows, p.layer, starts, mink.default_batch_size(model))
+        rows, scored = mink.encode_examples(tok, [examples[i] for i in chosen])
+        hidden = mink.pooled_hidden(model, rows, p.layer, scored, mink.default_batch_size(model))
         l2, angle = mink.pair_geometry(hidden, pairs, index_of)
         out["runs"][run] = {"l2": [round(float(x), 4) for x in l2], "angle": [round(float(x), 4) for x in angle]}
         del model
