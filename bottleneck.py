@@ -31,6 +31,14 @@ import torch.nn as nn
 from model import linear_cross_entropy
 
 
+# A token is an attention sink when its layer-l* hidden state's norm exceeds SINK_RATIO x the median norm of the real
+# tokens in its row (massive activations, Sun et al., 2024, arXiv:2402.17762). Measured with scripts/sink_norms.py
+# (README, "The attention sink"): on SmolLM2-135M-Instruct the first token's ratio is 15-171 at layers 12-29 and no
+# other token's exceeds 1.6 there; at layers 1-11 no token's exceeds 11.1 (none is massive). On the golden
+# fixtures' random checkpoints no token's exceeds 1.9. 12 separates the two at every layer.
+SINK_RATIO = 12.0
+
+
 @dataclass
 class IBConfig:
     layer: int = 20                 # l*: the output of this decoder block (1-indexed) is bottlenecked
@@ -43,10 +51,21 @@ class IBConfig:
     logvar_clamp: Optional[float] = 4.0
     head_norm: bool = False         # apply the final RMSNorm before the LM head in the IB branch
     input_norm: bool = True         # q_phi RMS-normalizes h before its linear map (see VariationalBottleneck)
+    exclude_sink: bool = False      # keep attention-sink tokens (sink_mask) out of the KL and CE_IB
+    sink_ratio: float = SINK_RATIO  # sink_mask's threshold
     seed: int = 0
 
     def to_dict(self):
         return asdict(self)
+
+
+def sink_mask(h, real_mask, ratio: float = SINK_RATIO):
+    """(B, T) bool: the real tokens whose hidden-state norm exceeds `ratio` x the median norm of their row's real
+    tokens, the attention sinks (massive activations). h (B, T, H); real_mask (B, T)."""
+    norm = h.detach().float().norm(dim=-1)                                   # (B, T)
+    real = real_mask.bool()
+    median = norm.masked_fill(~real, float("nan")).nanmedian(dim=1, keepdim=True).values   # (B, 1)
+    return real & (norm > ratio * median)
 
 
 def gaussian_kl(mu, logvar):
@@ -92,27 +111,40 @@ class VariationalBottleneck(nn.Module):
 
     def forward(self, h, real_mask, label_mask, noise_slice=None):
         """h (B, T, H) from layer l*; real_mask (B, T) marks non-padding tokens; label_mask (B, T) marks positions that
-        predict a label. Returns (kl_sum, h_bar): the KL summed over real tokens and dims (kl_count normalizes it),
-        and h_bar (N, H) at label positions."""
-        h_real = h[real_mask.bool()]                                          # (N_real, H)
+        predict a label. Returns (kl_sum, h_bar, stats): the KL summed over real tokens and dims (kl_count normalizes
+        it), h_bar (N, H) at label positions, and stats (detached, for the logs): the KL over all real tokens
+        ("kl_all"), over the attention sinks among them ("kl_sink"), the sinks' count ("n_sink"), and which label
+        positions h_bar holds ("labels_kept", (N_label,) bool: all of them unless a sink carries a label).
+        With exclude_sink the sinks are left out of the KL sum and of h_bar's rows (and of CE_IB, which ib_terms
+        computes on those rows)."""
+        real = real_mask.bool()
+        is_sink = sink_mask(h, real, self.cfg.sink_ratio)[real]              # (N_real,)
+        h_real = h[real]                                                      # (N_real, H)
         if not torch.is_autocast_enabled(h.device.type):                     # (under autocast nn.Linear casts)
             h_real = h_real.to(self.encoder.weight.dtype)
         mu, logvar = self.encode(h_real)                                      # (N_real, d) each
         kl = gaussian_kl(mu.float(), logvar.float())                          # (N_real, d)  Eq. (4)
+        kl_sum = kl[~is_sink].sum() if self.cfg.exclude_sink else kl.sum()
         # The prediction branch only matters where there is a label: index the latent rows that carry one.
-        rows = label_mask.bool()[real_mask.bool()]                            # label positions among real ones
+        rows = label_mask.bool()[real]                                        # label positions among real ones
+        kept = ~is_sink[rows] if self.cfg.exclude_sink else torch.ones_like(is_sink[rows])   # (N_label,)
+        rows = rows & ~is_sink if self.cfg.exclude_sink else rows
         z = self.sample(mu[rows], logvar[rows], noise_slice)                  # (N, d)
-        return kl.sum(), self.decoder(z)                                      # h_bar: (N, H)
+        stats = {"kl_all": kl.detach().sum(), "kl_sink": kl.detach()[is_sink].sum(), "n_sink": is_sink.sum(),
+                 "labels_kept": kept}
+        return kl_sum, self.decoder(z), stats                                 # h_bar: (N, H)
 
 
 def ib_terms(model, vib: VariationalBottleneck, h_layer, real_mask, label_mask, targets, noise_slice=None):
     """The two IB terms for one micro-batch, as sums (ibft_loss normalizes them by the counts of the whole step):
-    kl_sum (Eq. (4)) and ce_ib_sum = CE(s_IB, y) summed over label tokens (-Eq. (5))."""
-    kl_sum, h_bar = vib(h_layer, real_mask, label_mask, noise_slice)
+    kl_sum (Eq. (4)) and ce_ib_sum = CE(s_IB, y) summed over label tokens (-Eq. (5)); and the bottleneck's stats."""
+    kl_sum, h_bar, stats = vib(h_layer, real_mask, label_mask, noise_slice)
+    if vib.cfg.exclude_sink:                                                 # the sinks' labels leave CE_IB too
+        targets = targets[stats["labels_kept"]]
     if vib.cfg.head_norm:
         h_bar = model.model.norm(h_bar)
     ce_ib_sum = linear_cross_entropy(h_bar, model.lm_head.weight, targets)   # s_IB = lm_head(h_bar), Alg. 1
-    return kl_sum, ce_ib_sum
+    return kl_sum, ce_ib_sum, stats
 
 
 def kl_count(cfg: IBConfig, n_real: float, n_rows: float) -> float:
@@ -132,5 +164,10 @@ def ibft_loss(ce_sum, kl_sum, ce_ib_sum, n_label, n_kl, cfg: Optional[IBConfig])
     ce = ce_sum / n_label
     if cfg is None:
         return ce, ce, 0.0, 0.0
-    loss = ce + cfg.alpha * (kl_sum / n_kl + cfg.beta * ce_ib_sum / n_label)
+    loss = ce + ib_penalty(kl_sum, ce_ib_sum, n_label, n_kl, cfg)
     return loss, ce, kl_sum / n_kl, ce_ib_sum / n_label
+
+
+def ib_penalty(kl_sum, ce_ib_sum, n_label, n_kl, cfg: IBConfig):
+    """alpha * l_IB = alpha * (KL / n_kl + beta * CE_IB / n_label): what Eq. (IB-FT) adds to CE."""
+    return cfg.alpha * (kl_sum / n_kl + cfg.beta * ce_ib_sum / n_label)

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -271,15 +272,22 @@ def score_rows(model, tok, examples, prompt_field, response_field, batch_size) -
     return [{"mink": mink.min_k(v, mink.K_PERCENT), "nll": -float(v.mean()), "tokens": v.numel()} for v in values]
 
 
-def stage_score(s: Study, d: Path, run: str):
+def split_scores(s: Study, model, tok) -> list:
+    """score_rows for every example of the training and held-out splits, each tagged with its split and record."""
     import mink
-    model, tok = mink.load_scored_model(s.model_path, s.adapter(run), device=s.device)
-    bs = mink.default_batch_size(model)
-    out = []
+    bs, out = mink.default_batch_size(model), []
     for part in ("train", "heldout"):
         examples = read_jsonl(s.split_file(part))
         for i, r in enumerate(score_rows(model, tok, examples, "instruction", "response", bs)):
             out.append({"split": part, "index": i, "record": examples[i]["_record"], **r})
+    return out
+
+
+def stage_score(s: Study, d: Path, run: str):
+    import mink
+    model, tok = mink.load_scored_model(s.model_path, s.adapter(run), device=s.device)
+    bs = mink.default_batch_size(model)
+    out = split_scores(s, model, tok)
     write_jsonl(d / "scores.jsonl", out)
     msg = f"{len(out)} examples scored"
     tofu = tofu_path()
@@ -367,26 +375,162 @@ def stage_temps(s: Study, d: Path, run: str):
 # Stage: geometry (Fig. 5)
 # ----------------------------------------------------------------------------------------------------------------
 
+def geometry_groups(s: Study) -> tuple:
+    """Fig. 5's (most, least) memorized 20% of the training split by p0, and the seeded pairs drawn between them."""
+    import mink
+    scores = [r["mink"] for r in read_jsonl(s.stage_dir("score_base") / "scores.jsonl") if r["split"] == "train"]
+    most, least = mink.memorization_groups(scores, 0.2)
+    return most, least, mink.draw_pairs(most, least, s.preset.pairs, s.preset.seed)
+
+
+def pair_geometry(s: Study, model, tok, most, least, pairs) -> dict:
+    """l2 distances and angles between the pairs' pooled layer-l* states on one model (Fig. 5)."""
+    import mink
+    examples, chosen = read_jsonl(s.split_file("train")), most + least
+    index_of = {i: j for j, i in enumerate(chosen)}
+    rows, scored = mink.encode_examples(tok, [examples[i] for i in chosen])
+    hidden = mink.pooled_hidden(model, rows, s.preset.layer, scored, mink.default_batch_size(model))
+    l2, angle = mink.pair_geometry(hidden, pairs, index_of)
+    return {"l2": [round(float(x), 4) for x in l2], "angle": [round(float(x), 4) for x in angle]}
+
+
 def stage_geometry(s: Study, d: Path):
     import mink
     p = s.preset
-    scores = [r["mink"] for r in read_jsonl(s.stage_dir("score_base") / "scores.jsonl") if r["split"] == "train"]
-    examples = read_jsonl(s.split_file("train"))
-    most, least = mink.memorization_groups(scores, 0.2)
-    pairs = mink.draw_pairs(most, least, p.pairs, p.seed)
-    chosen = most + least
-    index_of = {i: j for j, i in enumerate(chosen)}
+    most, least, pairs = geometry_groups(s)
     out = {"layer": p.layer, "groups": {"most": most, "least": least}, "pairs": p.pairs, "runs": {}}
     for run in ("base", "ft", "ibft"):
         model, tok = mink.load_scored_model(s.model_path, s.adapter(run), device=s.device)
-        rows, scored = mink.encode_examples(tok, [examples[i] for i in chosen])
-        hidden = mink.pooled_hidden(model, rows, p.layer, scored, mink.default_batch_size(model))
-        l2, angle = mink.pair_geometry(hidden, pairs, index_of)
-        out["runs"][run] = {"l2": [round(float(x), 4) for x in l2], "angle": [round(float(x), 4) for x in angle]}
+        out["runs"][run] = pair_geometry(s, model, tok, most, least, pairs)
         del model
     write_json(d / "geometry.json", out)
     return ", ".join(f"{r}: l2 median {np.median(v['l2']):.1f}, angle median {np.median(v['angle']):.1f}"
                      for r, v in out["runs"].items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages: sweep_<point> (when does IB-FT act? the sensitivity analysis the paper's Limitations ask for)
+# ----------------------------------------------------------------------------------------------------------------
+
+# A point is ARM[_aALPHA][_bBETA][_sSEED] on the preset's data, seed and step budget:
+#   ft       plain FT (seed range: ft_s0, ft_s1, ft_s2)
+#   norm     IB-FT, q_phi on the RMS-normalized hidden state (this project's first default)
+#   nosink   IB-FT, q_phi on the raw hidden state (the paper), the attention sink kept out (--ib-exclude-sink)
+#   authors  the authors' released code as it ran: raw input, sink kept, KL over rows padded to 2048, alpha 0.2,
+#            beta 0.01, lr 1e-4, warmup 0.1
+# Each trains with the diagnostics on (ib_share every 10 steps, held-out NLL every SWEEP_EVAL_EVERY steps on the
+# first SWEEP_EVAL_EXAMPLES held-out examples), then scores both splits (the mechanism table), Fig. 5's geometry
+# medians, and the adapter's relative distance from FT's at the same seed.
+SWEEP = {
+    "laptop": ("ft_s0", "nosink_a0.03", "nosink_a0.1", "ft_s1", "ft_s2", "nosink_a0.01", "nosink_a0.3",
+               "nosink_a0.001", "norm_a100", "norm_a1000", "norm_a10", "norm_a1", "authors", "norm_a0.1"),
+    "smoke": ("ft_s0", "nosink_a0.1", "norm_a10", "authors", "ft_s1"),
+}
+# The chosen setting (README, "When does IB-FT act?"): its beta neighbours and its other seeds run too.
+SWEEP_CHOSEN = {"laptop": "nosink_a0.03", "smoke": "nosink_a0.1"}
+SWEEP_EVAL_EVERY = 20
+SWEEP_EVAL_EXAMPLES = 40
+POINT = re.compile(r"(ft|norm|nosink|authors)(?:_a([0-9.e-]+))?(?:_b([0-9.e-]+))?(?:_s([0-9]+))?")
+
+
+def sweep_points(p: Preset) -> list:
+    chosen = SWEEP_CHOSEN.get(p.name)
+    extra = [f"{chosen}_b0.001", f"{chosen}_b0.1", f"{chosen}_s1", f"{chosen}_s2"] if chosen else []
+    return list(SWEEP.get(p.name, ())) + [x for x in extra if x not in SWEEP.get(p.name, ())]
+
+
+def parse_point(point: str) -> tuple:
+    """(arm, alpha or None, beta or None, seed or None) of a point's name."""
+    m = POINT.fullmatch(point)
+    if not m:
+        raise UsageError(f"sweep point '{point}' is not ARM[_aALPHA][_bBETA][_sSEED] (ARM: ft, norm, nosink, authors)")
+    arm, a, b, seed = m.groups()
+    return arm, None if a is None else float(a), None if b is None else float(b), None if seed is None else int(seed)
+
+
+def set_flag(flags: list, name: str, value) -> list:
+    """flags with `name value` set: replaced where it is, appended where it is not."""
+    out = list(flags)
+    if name in out:
+        out[out.index(name) + 1] = str(value)
+    else:
+        out += [name, str(value)]
+    return out
+
+
+def sweep_flags(p: Preset, point: str, n_ft_steps: int) -> list:
+    """train.py flags of one sweep point (beyond --model/--data/--out)."""
+    arm, alpha, beta, seed = parse_point(point)
+    flags = train_flags(p, "ft" if arm == "ft" else "ibft", n_ft_steps)
+    if arm == "nosink":
+        flags += ["--ib-raw-input", "--ib-exclude-sink"]
+    if arm == "authors":
+        flags += ["--ib-raw-input", "--kl-normalizer", "padded", "--kl-pad-to", "2048"]
+        for name, value in (("--alpha", 0.2), ("--beta", 0.01), ("--lr", 1e-4), ("--warmup-ratio", 0.1)):
+            flags = set_flag(flags, name, value)
+    for name, value in (("--alpha", alpha), ("--beta", beta), ("--seed", seed)):
+        if value is not None:
+            flags = set_flag(flags, name, f"{value:g}" if isinstance(value, float) else value)
+    return flags
+
+
+def sweep_ft(point: str) -> str:
+    """The FT point at the same seed: what a point's adapter distance is measured from."""
+    return f"ft_s{parse_point(point)[3] or 0}"
+
+
+def lora_deltas(run_dir: Path) -> dict:
+    """Module name -> B @ A of a PEFT adapter file (the scaling, the same for every run of a study, left out)."""
+    from safetensors.torch import load_file
+    import lora
+    w = load_file(str(run_dir / lora.ADAPTER_WEIGHTS))
+    return {k[:-len(".lora_A.weight")]: w[k[:-len("A.weight")] + "B.weight"].double() @ w[k].double()
+            for k in w if k.endswith(".lora_A.weight")}
+
+
+def adapter_distance(run_dir: Path, ref_dir: Path) -> float:
+    """||dW - dW_ref|| / ||dW_ref||, Frobenius over all adapted matrices together."""
+    a, b = lora_deltas(run_dir), lora_deltas(ref_dir)
+    if set(a) != set(b):
+        raise UsageError(f"{run_dir} and {ref_dir} adapt different modules")
+    return math.sqrt(sum(float((a[k] - b[k]).pow(2).sum()) for k in a) / sum(float(b[k].pow(2).sum()) for k in b))
+
+
+def sweep_eval_file(s: Study) -> Path:
+    """The held-out examples whose NLL is logged during training (the first SWEEP_EVAL_EXAMPLES of the split)."""
+    path = s.work / "data" / "heldout_eval.jsonl"
+    write_jsonl(path, read_jsonl(s.split_file("heldout"))[:SWEEP_EVAL_EXAMPLES])
+    return path
+
+
+def stage_sweep(s: Study, d: Path, point: str):
+    import mink
+    import train
+    run_dir = s.work / "sweep" / point
+    flags = sweep_flags(s.preset, point, ft_steps(s)) + [
+        "--model", str(s.model_path), "--data", str(s.split_file("train")), "--out", str(run_dir),
+        "--save-every", "10", "--diag-every", "10", "--eval-data", str(sweep_eval_file(s)),
+        "--eval-every", str(SWEEP_EVAL_EVERY)]
+    if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
+        flags.append("--resume")
+    t0 = time.time()
+    train.train(train.parse_args(flags))
+    train_seconds = time.time() - t0
+    for name in ("metrics.jsonl", "config.json"):
+        write_text(d / name, (run_dir / name).read_text())
+    model, tok = mink.load_scored_model(s.model_path, run_dir, device=s.device)
+    write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
+    most, least, pairs = geometry_groups(s)
+    geo = pair_geometry(s, model, tok, most, least, pairs)
+    ref = s.work / "sweep" / sweep_ft(point)
+    write_json(d / "point.json", {
+        "point": point, "train_flags": flags, "train_seconds": round(train_seconds, 1),
+        "geometry": {"l2_median": float(np.median(geo["l2"])), "angle_median": float(np.median(geo["angle"]))},
+        "adapter_distance_from_ft": None if point == sweep_ft(point) else adapter_distance(run_dir, ref)})
+    m = read_jsonl(d / "metrics.jsonl")
+    shares = [r["ib_share"] for r in m if "ib_share" in r]
+    return (f"{len(m)} steps, ce {m[0]['ce']:.4f} -> {m[-1]['ce']:.4f}, eval_nll {m[-1]['eval_nll']:.4f}"
+            + (f", ib_share median {np.median(shares):.3f}, rate {m[-1]['rate']:.2f}" if shares else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,6 +561,10 @@ def plan(p: Preset) -> list:
     for run in ("base", "ft", "ibft"):
         dep = () if run == "base" else (f"train_{run}",)
         stages.append(Stage(f"temps_{run}", lambda s, d, r=run: stage_temps(s, d, r), dep, "Fig. 6"))
+    for point in sweep_points(p):
+        deps = ("split", "score_base") + (() if point == sweep_ft(point) else (f"sweep_{sweep_ft(point)}",))
+        stages.append(Stage(f"sweep_{point}", lambda s, d, x=point: stage_sweep(s, d, x), deps,
+                            "sensitivity (when IB-FT acts)"))
     return stages
 
 
@@ -447,6 +595,9 @@ def estimate_minutes(s: Study, stage: str) -> float:
         return n_prob * p.n * (len(p.temperatures) - 1) * r["tokens_per_sample"] / r["generate"] / 60
     if kind == "geometry":
         return 3 * 0.4 * train_tok / r["score"] / 60
+    if kind == "sweep":       # train with diagnostics (+15%), score both splits, one geometry pass
+        train = p.epochs * train_tok / r["train"] * (1.0 if run.startswith("ft") else 1.1) * 1.15
+        return (train + (train_tok + held_tok) / r["score"] + 0.4 * train_tok / r["score"]) / 60
     return 0.1
 
 
@@ -464,6 +615,10 @@ def is_ready(s: Study, stage: str) -> bool:
     committed, so on a fresh checkout the run is trained again (same seed, same data) before it is evaluated."""
     if stage.startswith("train_") and not (s.run_dir(stage[len("train_"):]) / "adapter_model.safetensors").exists():
         return False
+    if stage.startswith("sweep_") and not (s.work / "sweep" / stage[len("sweep_"):] / "adapter_model.safetensors").exists():
+        return False
+    if stage == "split" and not all(s.split_file(part).exists() for part in ("train", "heldout")):
+        return False                                    # the materialized subsets live in work/ too
     return is_complete(s, stage)
 
 

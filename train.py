@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from safetensors.torch import load_file, save_file
 import data
 import lora
 from cli import UsageError, add_model_flags, atomic_write, fail, read_records, write_json, write_text
-from bottleneck import IBConfig, VariationalBottleneck, ib_terms, ibft_loss, kl_count
+from bottleneck import SINK_RATIO, IBConfig, VariationalBottleneck, ib_penalty, ib_terms, ibft_loss, kl_count
 from default_model import default_model_path
 from model import linear_cross_entropy, load_model
 from tokenizer import load_tokenizer
@@ -115,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ib-raw-input", action="store_true",
                    help="feed q_phi the raw hidden state, as the paper and the authors' code do (default: "
                         "RMS-normalized, a choice of this implementation)")
+    p.add_argument("--ib-exclude-sink", action="store_true",
+                   help="keep attention-sink tokens (layer-l* norm > --ib-sink-ratio x their row's median: on SmolLM2 "
+                        "the first token) out of the KL and CE_IB")
+    p.add_argument("--ib-sink-ratio", type=float, default=SINK_RATIO,
+                   help="the norm ratio above which a token is an attention sink (bottleneck.SINK_RATIO, measured)")
+    p.add_argument("--diag-every", type=int, default=10,
+                   help="IB-FT: measure ib_share (|grad of the IB terms| / |grad of CE| on the LoRA weights) at the "
+                        "first step and every N steps (one extra backward pass through blocks 1..l*); 0: never")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out data (any --data format): its response NLL, without dropout, is logged as eval_nll "
+                        "every --eval-every steps and at the end (the same number as mink.py score's tokens)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: only at the end)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler (the paper's setting: "
                         "'mixed float16 precision'); bf16/fp16 also run on the CPU (slowly: for tests)")
@@ -145,6 +158,13 @@ def parse_args(argv=None):
                          f"as padded to --kl-pad-to tokens, so it must be >= --max-len")
     if not 0 < args.keep <= 1:
         raise UsageError("--keep must be in (0, 1]")
+    for flag in ("diag_every", "eval_every"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.ib_sink_ratio <= 1:
+        raise UsageError("--ib-sink-ratio must be > 1 (a sink is a token far above its row's median norm)")
+    if args.eval_every and not args.eval_data:
+        raise UsageError("--eval-every needs --eval-data")
     return args
 
 
@@ -277,9 +297,10 @@ class Objective(nn.Module):
         ce_sum = linear_cross_entropy(rows, self.model.lm_head.weight, targets)  # Eq. (1)
         if self.vib is None:
             zero = ce_sum.new_zeros(())
-            return ce_sum, zero, zero
-        kl_sum, ce_ib_sum = ib_terms(self.model, self.vib, h_layer, attn, label, targets, noise_slice)  # Eq. (4), (5)
-        return ce_sum, kl_sum, ce_ib_sum
+            return ce_sum, zero, zero, {}
+        kl_sum, ce_ib_sum, stats = ib_terms(self.model, self.vib, h_layer, attn, label, targets,
+                                            noise_slice)                         # Eq. (4), (5)
+        return ce_sum, kl_sum, ce_ib_sum, stats
 
 
 def clip_gradients(groups, max_norm):
@@ -369,7 +390,8 @@ def save_vib(vib, path: Path, hidden_size: int):
 
 RESUME_KEYS = ("method", "layer", "model", "data", "batch_size", "grad_accum", "global_batch_size", "lr", "epochs",
                "max_len", "seed", "lora_r", "lora_alpha", "lora_dropout", "alpha", "beta", "bottleneck_dim",
-               "kl_normalizer", "kl_pad_to", "hf_warmup", "prune", "keep")
+               "kl_normalizer", "kl_pad_to", "hf_warmup", "prune", "keep", "ib_raw_input", "ib_exclude_sink",
+               "ib_sink_ratio")
 
 
 def resolve_grad_accum(args, world):
@@ -414,6 +436,8 @@ class Run:
     sched: object
     scaler: torch.amp.GradScaler
     start_step: int = 0
+    eval_rows: Optional[list] = None    # --eval-data as mink.encode_examples gives it: token ids per example
+    eval_scored: Optional[list] = None  # and which of its tokens are scored (the response's)
 
     @property
     def is_main(self) -> bool:
@@ -450,6 +474,18 @@ def load_examples(args, tok, data_path) -> tuple:
     return fmt, examples, source, stats
 
 
+def load_eval_data(path: Path, tok) -> tuple:
+    """--eval-data read as `mink.py score` reads its --data: (rows, scored)."""
+    import mink
+    records, where = read_records(path, "--eval-data")
+    if not records:
+        raise UsageError(f"{path}: no examples")
+    try:
+        return mink.encode_examples(tok, records, path=str(path))
+    except mink.ExampleError as e:
+        raise UsageError(f"{where[e.index]}: {e}") from None
+
+
 def add_lora_and_select(args, model, examples, pad_id) -> tuple:
     """Inject LoRA (Appendix C.1) and apply --prune (Table 1's baselines). Returns (kept indices, targets)."""
     kept = list(range(len(examples)))
@@ -472,7 +508,8 @@ def make_bottleneck(args, model, device) -> Optional[VariationalBottleneck]:
     ib = IBConfig(layer=args.layer, dim=args.bottleneck_dim, alpha=args.alpha, beta=args.beta,
                   kl_reduction=args.kl_reduction, kl_normalizer=args.kl_normalizer, kl_pad_to=args.kl_pad_to,
                   logvar_clamp=args.logvar_clamp or None, head_norm=args.ib_head_norm,
-                  input_norm=not args.ib_raw_input, seed=args.seed)
+                  input_norm=not args.ib_raw_input, exclude_sink=args.ib_exclude_sink,
+                  sink_ratio=args.ib_sink_ratio, seed=args.seed)
     return VariationalBottleneck(model.hidden_size, ib, device=device).train()
 
 
@@ -548,6 +585,8 @@ def setup(args) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     run = Run(args, device, world, rank, amp_dtype, model_path, Path(args.out), model, tok, vib, ddp, examples,
               plan, grad_accum, total_steps, opt, sched, scaler)
+    if args.eval_data:
+        run.eval_rows, run.eval_scored = load_eval_data(Path(args.eval_data), tok)
 
     # The resolved config beside the run; resume.
     config = dict(vars(args), model=str(model_path), data=str(data_path), precision=precision, world_size=world,
@@ -591,30 +630,79 @@ def optimizer_step(run: Run, step: int, last_good) -> dict:
     batches, noise, (n_label, n_real, n_rows) = step_batches(run, step)
     ib_cfg = run.vib.cfg if run.vib is not None else None                 # None: plain FT
     n_kl = kl_count(ib_cfg, n_real, n_rows) if ib_cfg is not None else 1.0
-    sums, ts = torch.zeros(3, device=run.device), time.time()
+    diag = ib_cfg is not None and run.args.diag_every > 0 and (step == 0 or (step + 1) % run.args.diag_every == 0)
+    sums, stats, g_ib, ts = torch.zeros(6, device=run.device), None, None, time.time()
     for j, (ids, attn, label, tgt) in enumerate(batches):
         sync = j == len(batches) - 1 or run.world == 1
         ctx = run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext()
-        with ctx, torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            ce_sum, kl_sum, ce_ib_sum = run.ddp(ids, attn, label, tgt, noise[j])
-            loss, *_ = ibft_loss(ce_sum, kl_sum, ce_ib_sum, n_label, n_kl, ib_cfg)  # Eq. (1) or (IB-FT)
+        with ctx:
+            with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+                ce_sum, kl_sum, ce_ib_sum, stats = run.ddp(ids, attn, label, tgt, noise[j])
+                loss, *_ = ibft_loss(ce_sum, kl_sum, ce_ib_sum, n_label, n_kl, ib_cfg)  # Eq. (1) or (IB-FT)
+            if diag:                                       # the IB terms' own gradient, while the graph is alive
+                g_ib = ib_gradient(run, ib_penalty(kl_sum, ce_ib_sum, n_label, n_kl, ib_cfg), g_ib)
             run.scaler.scale(loss * run.world).backward()  # DDP averages gradients over processes: undo the 1/world
-        sums += torch.stack([ce_sum.detach().float(), kl_sum.detach().float(), ce_ib_sum.detach().float()])
+        extra = [stats["kl_all"], stats["kl_sink"], stats["n_sink"]] if stats else [ce_sum.new_zeros(())] * 3
+        sums += torch.stack([x.detach().float() for x in (ce_sum, kl_sum, ce_ib_sum, *extra)])
     if run.world > 1:
         dist.all_reduce(sums)
-    loss_value, ce, kl, ce_ib = ibft_loss(*sums.tolist(), n_label, n_kl, ib_cfg)   # the same, to log
+    loss_value, ce, kl, ce_ib = ibft_loss(*sums[:3].tolist(), n_label, n_kl, ib_cfg)   # the same, to log
     if not math.isfinite(loss_value):
         where = f"{run.run_dir / 'checkpoint'} (step {last_good})" if last_good is not None else "none saved"
         raise UsageError(f"non-finite loss at step {step + 1} (ce={ce}, kl={kl}, ce_ib={ce_ib}); stopped. "
                          f"Last good checkpoint: {where}")
     run.scaler.unscale_(run.opt)
+    shares = gradient_shares(run, g_ib) if diag else {}
     gnorm = clip_gradients([group["params"] for group in run.opt.param_groups], run.args.max_grad_norm)
     run.scaler.step(run.opt)
     run.scaler.update()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
-    return {"step": step + 1, "loss": loss_value, "ce": ce, "kl": kl, "ce_ib": ce_ib, "lr": run.sched.get_last_lr()[0],
-            "grad_norm": gnorm, "tokens_per_s": int(n_real / max(time.time() - ts, 1e-9)), "real_tokens": n_real}
+    rec = {"step": step + 1, "loss": loss_value, "ce": ce, "kl": kl, "ce_ib": ce_ib, "lr": run.sched.get_last_lr()[0],
+           "grad_norm": gnorm, "tokens_per_s": int(n_real / max(time.time() - ts, 1e-9)), "real_tokens": n_real}
+    if ib_cfg is not None:
+        rec.update(bottleneck_stats(ib_cfg, *sums[3:].tolist(), n_real), **shares)
+    return rec
+
+
+def bottleneck_stats(cfg: IBConfig, kl_all, kl_sink, n_sink, n_real) -> dict:
+    """rate: the KL in nats per token in the bottleneck, summed over latent dims (whatever --kl-reduction and
+    --kl-normalizer: it is read off the sums, not the loss); sink_share: the share of all real tokens' KL that sits
+    on attention sinks (bottleneck.sink_mask), whether they are excluded or not."""
+    kl_in, n_in = (kl_all - kl_sink, n_real - n_sink) if cfg.exclude_sink else (kl_all, n_real)
+    return {"rate": kl_in / max(n_in, 1.0), "sink_share": kl_sink / kl_all if kl_all > 0 else 0.0}
+
+
+def ib_gradient(run: Run, ib_loss, acc):
+    """The gradient of alpha * l_IB alone on the LoRA weights (this process's share), added to acc. One backward
+    pass through blocks 1..l* only, which leaves the graph for the step's own backward."""
+    params = run.opt.param_groups[0]["params"]
+    grads = torch.autograd.grad(ib_loss, params, retain_graph=True, allow_unused=True)
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).float().flatten() for g, p in zip(grads, params)])
+    return flat if acc is None else acc + flat
+
+
+def gradient_shares(run: Run, g_ib) -> dict:
+    """ib_share = |grad of alpha * l_IB| / |grad of CE| on the LoRA weights, before clipping, and the cosine between
+    the two. CE's gradient is the step's whole gradient minus the IB terms'."""
+    if run.world > 1:
+        dist.all_reduce(g_ib)
+    total = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
+                       for p in run.opt.param_groups[0]["params"]])
+    g_ce = total - g_ib
+    return {"ib_share": float(g_ib.norm() / g_ce.norm().clamp_min(1e-30)),
+            "ib_cos": float(F.cosine_similarity(g_ib, g_ce, dim=0))}
+
+
+def heldout_nll(run: Run) -> float:
+    """The mean NLL of --eval-data's response tokens (all tokens pooled), without dropout: mink.token_logprobs,
+    the numbers `mink.py score` reads, on the model as it is now."""
+    import mink
+    model = run.model
+    model.eval()
+    values = mink.token_logprobs(model, run.eval_rows, run.eval_scored, mink.default_batch_size(model))
+    model.train()
+    return -float(torch.cat(values).double().mean())
 
 
 def log_step(run: Run, rec: dict, elapsed: float):
@@ -625,8 +713,25 @@ def log_step(run: Run, rec: dict, elapsed: float):
     if done % run.args.log_every == 0 or done == total:
         eta = elapsed / (done - run.start_step) * (total - done)
         ib_part = f" kl {rec['kl']:.4f} ce_ib {rec['ce_ib']:.3f}" if run.vib is not None else ""
-        print(f"step {done}/{total} | loss {rec['loss']:.4f} ce {rec['ce']:.4f}{ib_part} | lr {rec['lr']:.2e} | "
+        diag = (f" | rate {rec['rate']:.1f} sink {100 * rec['sink_share']:.0f}%" if "rate" in rec else "") + \
+               (f" ib_share {rec['ib_share']:.3f}" if "ib_share" in rec else "") + \
+               (f" | eval_nll {rec['eval_nll']:.4f}" if "eval_nll" in rec else "")
+        print(f"step {done}/{total} | loss {rec['loss']:.4f} ce {rec['ce']:.4f}{ib_part}{diag} | lr {rec['lr']:.2e} | "
               f"gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_s']} tok/s | ETA {fmt_time(eta)}", flush=True)
+
+
+def diagnostics_summary(metrics: Path) -> list:
+    """The summary's lines on the bottleneck and the held-out data, from the whole run's metrics.jsonl."""
+    recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    lines, shares = [], [r["ib_share"] for r in recs if "ib_share" in r]
+    if shares:
+        lines.append(f"  IB        ib_share median {statistics.median(shares):.3f} over {len(shares)} measurements "
+                     f"(|grad alpha*l_IB| / |grad CE|); rate {recs[-1]['rate']:.2f} nats/token, "
+                     f"sink_share {100 * recs[-1]['sink_share']:.1f}% at the last step")
+    evals = [(r["step"], r["eval_nll"]) for r in recs if "eval_nll" in r]
+    if evals:
+        lines.append("  held-out  NLL " + ", ".join(f"{v:.4f} (step {s})" for s, v in evals))
+    return lines
 
 
 def finish(run: Run, first_loss, last_loss, elapsed: float, tokens_seen: float):
@@ -643,6 +748,7 @@ def finish(run: Run, first_loss, last_loss, elapsed: float, tokens_seen: float):
         f"{fmt_time(elapsed)} ({tokens_seen / max(elapsed, 1e-9):.0f} tok/s)",
         f"  loss {nan if first_loss is None else first_loss:.4f} -> {nan if last_loss is None else last_loss:.4f}"
         + (f"  (alpha {args.alpha}, beta {args.beta}, layer {args.layer}, d {args.bottleneck_dim})" if vib is not None else ""),
+        *diagnostics_summary(run_dir / "metrics.jsonl"),
         f"  run dir   {run_dir}/",
         "  adapter   adapter_model.safetensors + adapter_config.json (PEFT format; inference uses base + LoRA only)",
         f"  also      {'vib.safetensors, ' if vib is not None else ''}config.json, metrics.jsonl, checkpoint/",
@@ -659,6 +765,11 @@ def train(args):
     first_loss = last_loss = None
     for step in range(run.start_step, run.total_steps):
         rec = optimizer_step(run, step, last_good)
+        if run.eval_rows is not None and run.is_main and (
+                step + 1 == run.total_steps or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            te = time.time()
+            rec["eval_nll"] = heldout_nll(run)
+            rec["eval_seconds"] = round(time.time() - te, 2)
         first_loss = rec["loss"] if first_loss is None else first_loss
         last_loss, tokens_seen = rec["loss"], tokens_seen + rec["real_tokens"] / run.world
         if run.is_main:

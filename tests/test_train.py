@@ -75,7 +75,7 @@ def test_kl_reduction_and_clamp():
     label[:, 0] = False
     for red, per_tok in (("mean", 4), ("sum", 1)):
         vib = VariationalBottleneck(16, IBConfig(dim=4, kl_reduction=red, logvar_clamp=4.0, input_norm=False))
-        kl_sum, h_bar = vib(h, real, label)
+        kl_sum, h_bar, _ = vib(h, real, label)
         mu, logvar = vib.encode(h[real])
         assert logvar.abs().max() <= 4.0
         assert kl_count(vib.cfg, int(real.sum()), 2) == int(real.sum()) * per_tok    # padding never counts
@@ -122,7 +122,7 @@ def test_ib_gradient_reaches_lora_of_layers_up_to_l_star_only(tiny_ckpt):
     vib = VariationalBottleneck(m.hidden_size, IBConfig(layer=layer, dim=8))
     ids, attn, label, tgt = T.collate([pair([5, 6, 7, 8, 9, 10], 2), pair([11, 12, 13, 14], 1)], 2, "cpu")
     _, h_l = m.trunk(ids, attn, hidden_layer=layer)
-    kl_sum, ce_ib = ib_terms(m, vib, h_l, attn, label, tgt)
+    kl_sum, ce_ib, _ = ib_terms(m, vib, h_l, attn, label, tgt)
     (kl_sum / kl_count(vib.cfg, int(attn.sum()), 2) + 0.02 * ce_ib).backward()   # l_IB alone, Eq. (6)
     for name, lin in L.lora_layers(m).items():
         idx = int(name.split(".")[2])                               # model.layers.<idx>...
