@@ -1022,24 +1022,40 @@ def section_fig6(c: Collected, figs: Path) -> Optional[str]:
     return "\n".join(text)
 
 
+def quintiles(base_scores: list) -> list:
+    """The training split's examples in five groups by p0, Q1 = most memorized (lowest Min-K%)."""
+    base = [r for r in base_scores if r["split"] == "train"]
+    return np.array_split(np.array(sorted(range(len(base)), key=lambda i: (base[i]["mink"], i))), 5)
+
+
+def quintile_drops(base_scores: list, run_scores: list) -> list:
+    """Per quintile, how much a run lowered the mean training NLL of its examples from the base model's."""
+    base = [r["nll"] for r in base_scores if r["split"] == "train"]
+    run = [r["nll"] for r in run_scores if r["split"] == "train"]
+    return [float(np.mean([base[i] for i in idx]) - np.mean([run[i] for i in idx])) for idx in quintiles(base_scores)]
+
+
+def split_drops(base_scores: list, run_scores: list) -> dict:
+    """Per-example paired drops (base NLL - run NLL), averaged per split, and the train - held-out gap."""
+    nll = {part: np.array([r["nll"] for r in run_scores if r["split"] == part]) for part in ("train", "heldout")}
+    base = {part: np.array([r["nll"] for r in base_scores if r["split"] == part]) for part in nll}
+    drop = {part: float(np.mean(base[part] - nll[part])) for part in nll}
+    return {"train": float(nll["train"].mean()), "heldout": float(nll["heldout"].mean()),
+            "train_median": float(np.median(nll["train"])), "heldout_median": float(np.median(nll["heldout"])),
+            "drop_train": drop["train"], "drop_heldout": drop["heldout"], "gap": drop["train"] - drop["heldout"]}
+
+
 def section_mechanism(c: Collected, figs: Path) -> tuple:
     """Per memorization quintile of p0: how much each run lowered the training NLL; and the train/held-out gap."""
     if "base" not in c.scores:
         return None, {}
     base = [r for r in c.scores["base"] if r["split"] == "train"]
-    order = sorted(range(len(base)), key=lambda i: (base[i]["mink"], i))
-    quint = np.array_split(np.array(order), 5)                       # Q1 = most memorized (lowest Min-K%)
-    numbers, rows = {"quintiles": {}, "gap": {}}, []
     fine = [r for r in ("ft", "ibft", "ibft_raw") if r in c.scores]
-    for q, idx in enumerate(quint, 1):
-        b = np.mean([base[i]["nll"] for i in idx])
-        cells = [f"Q{q}", f"{np.mean([base[i]['mink'] for i in idx]):.2f}", f"{b:.3f}"]
-        for run in fine:
-            tr = [r for r in c.scores[run] if r["split"] == "train"]
-            drop = b - np.mean([tr[i]["nll"] for i in idx])
-            cells.append(f"{drop:.3f}")
-            numbers["quintiles"].setdefault(run, []).append(drop)
-        rows.append(cells)
+    numbers, rows = {"quintiles": {r: quintile_drops(c.scores["base"], c.scores[r]) for r in fine}, "gap": {}}, []
+    for q, idx in enumerate(quintiles(c.scores["base"]), 1):
+        rows.append([f"Q{q}", f"{np.mean([base[i]['mink'] for i in idx]):.2f}",
+                     f"{np.mean([base[i]['nll'] for i in idx]):.3f}"] +
+                    [f"{numbers['quintiles'][run][q - 1]:.3f}" for run in fine])
     spread = {run: max(v) - min(v) for run, v in numbers["quintiles"].items()}
     text = ["## The mechanism: does IB-FT treat memorized and unmemorized data more equally?", "",
             "Training examples split into quintiles by p0 (Q1 = most memorized). Mean response NLL (nats/token) on "
@@ -1052,15 +1068,7 @@ def section_mechanism(c: Collected, figs: Path) -> tuple:
     # more the trained-on examples improved than unseen ones of the same data.
     gap_rows = []
     for run, rows_ in c.scores.items():
-        nll = {part: np.array([r["nll"] for r in rows_ if r["split"] == part]) for part in ("train", "heldout")}
-        base = {part: np.array([r["nll"] for r in c.scores["base"] if r["split"] == part]) for part in nll}
-        drop = {part: float(np.mean(base[part] - nll[part])) for part in nll}
-        numbers["gap"][run] = {"train": float(nll["train"].mean()), "heldout": float(nll["heldout"].mean()),
-                               "train_median": float(np.median(nll["train"])),
-                               "heldout_median": float(np.median(nll["heldout"])),
-                               "drop_train": drop["train"], "drop_heldout": drop["heldout"],
-                               "gap": drop["train"] - drop["heldout"]}
-        g = numbers["gap"][run]
+        g = numbers["gap"][run] = split_drops(c.scores["base"], rows_)
         gap_rows.append([label(run), f"{g['train']:.3f} ({g['train_median']:.3f})",
                          f"{g['heldout']:.3f} ({g['heldout_median']:.3f})", f"{g['drop_train']:+.3f}",
                          f"{g['drop_heldout']:+.3f}", f"{g['gap']:+.3f}"])
@@ -1086,6 +1094,112 @@ def section_mechanism(c: Collected, figs: Path) -> tuple:
     return "\n".join(text), numbers
 
 
+SWEEP_MEASURES = (   # (key, column, digits): what each sweep point is read by, against FT's seed range
+    ("drop_heldout", "held-out NLL drop", 4), ("drop_train", "train NLL drop", 4), ("gap", "gap", 4),
+    ("spread", "quintile spread", 4), ("l2_median", "l2 median", 2), ("angle_median", "angle median", 2),
+    ("distance", "distance from FT", 3))
+
+
+def sweep_point_numbers(s: Study, base_scores: list, point: str) -> dict:
+    """One sweep point's measures, read from its stage folder (and score_base)."""
+    d = s.stage_dir(f"sweep_{point}")
+    m, info = read_jsonl(d / "metrics.jsonl"), read_json(d / "point.json")
+    scores = read_jsonl(d / "scores.jsonl")
+    drops = quintile_drops(base_scores, scores)
+    arm, alpha, beta, seed = parse_point(point)
+    cfg = read_json(d / "config.json")
+    shares = [r["ib_share"] for r in m if "ib_share" in r]
+    return {"arm": arm, "alpha": None if arm == "ft" else cfg["alpha"], "beta": None if arm == "ft" else cfg["beta"],
+            "seed": cfg["seed"], **split_drops(base_scores, scores), "spread": max(drops) - min(drops),
+            "quintile_drops": drops, "l2_median": info["geometry"]["l2_median"],
+            "angle_median": info["geometry"]["angle_median"], "distance": info["adapter_distance_from_ft"],
+            "ib_share": float(np.median(shares)) if shares else None,
+            "ib_cos": float(np.median([r["ib_cos"] for r in m if "ib_cos" in r])) if shares else None,
+            "rate_first": m[0].get("rate"), "rate": m[-1].get("rate"),
+            "sink_share": float(np.median([r["sink_share"] for r in m])) if "sink_share" in m[0] else None,
+            "eval_curve": [(r["step"], r["eval_nll"]) for r in m if "eval_nll" in r]}
+
+
+def section_sweep(c: Collected, figs: Path) -> tuple:
+    """The sensitivity sweep: every complete point's measures, FT's seed range, and which points leave it."""
+    points = [x for x in sweep_points(c.p) if f"sweep_{x}" in c.done]
+    if not points or "base" not in c.scores:
+        return None, {}
+    base = c.scores["base"]
+    num = {x: sweep_point_numbers(c.s, base, x) for x in points}
+    ft = [x for x in points if num[x]["arm"] == "ft"]
+    rng = {k: (min(num[x][k] for x in ft), max(num[x][k] for x in ft)) for k, _, _ in SWEEP_MEASURES
+           if len(ft) >= 2 and all(num[x][k] is not None for x in ft)}
+
+    def cell(x, k, digits):
+        v = num[x][k]
+        if v is None:
+            return "-"
+        out = k in rng and num[x]["arm"] != "ft" and not rng[k][0] <= v <= rng[k][1]
+        return f"**{v:.{digits}f}**" if out else f"{v:.{digits}f}"
+
+    def opt(v, f):
+        return "-" if v is None else format(v, f)
+
+    rows = [[f"`{x}`", opt(num[x]["alpha"], "g"), opt(num[x]["beta"], "g"), num[x]["seed"],
+             opt(num[x]["ib_share"], ".3f"), opt(num[x]["rate"], ".2f"),
+             "-" if num[x]["sink_share"] is None else f"{100 * num[x]['sink_share']:.1f}%"]
+            + [cell(x, k, dg) for k, _, dg in SWEEP_MEASURES] for x in points]
+    text = ["## When does IB-FT act? The sensitivity sweep", "",
+            "Arms: `ft` plain FT; `norm` IB-FT with q_phi on the RMS-normalized hidden state; `nosink` q_phi on the raw "
+            "hidden state (the paper) with the attention sink kept out; `authors` the authors' released code as it ran "
+            "(raw input, sink kept, KL over rows padded to 2048, alpha 0.2, beta 0.01, lr 1e-4, warmup 0.1). Every "
+            f"point has the preset's data, seed (unless `_s`) and FT's step budget. ib_share: median over the run of "
+            "|grad alpha*l_IB| / |grad CE| on the LoRA weights; rate: KL nats per bottlenecked token at the last step "
+            "(summed over latent dims); sink share: median share of all tokens' KL on the sink. NLL drops are paired "
+            "per example against the base model (nats/token); the gap is train drop - held-out drop; the quintile "
+            "spread is the mechanism table's; l2/angle medians are Fig. 5's; the distance is ||dW - dW_FT|| / "
+            "||dW_FT|| from FT's adapter at the same seed. **Bold**: outside FT's range over "
+            f"{len(ft)} seeds" + (f" ({', '.join(f'{k} {lo:.4g}..{hi:.4g}' for k, (lo, hi) in rng.items())})"
+                                  if rng else " (needs two FT seeds)") + ".", "",
+            md_table(["point", "alpha", "beta", "seed", "ib_share", "rate", "sink share"] +
+                     [col for _, col, _ in SWEEP_MEASURES], rows)]
+    plt = _plt()
+    if plt:
+        text += _sweep_figures(plt, c, figs, num, rng)
+    return "\n".join(text), {"points": num, "ft_range": rng}
+
+
+def _sweep_figures(plt, c: Collected, figs: Path, num: dict, rng: dict) -> list:
+    """Held-out NLL drop and quintile spread against alpha per arm (FT's seed range shaded); held-out NLL over steps
+    for FT and the chosen setting, its step 0 the base model's (score_base, the same examples)."""
+    out = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "drop_heldout", "held-out NLL drop"), (axes[1], "spread", "quintile spread")):
+        for arm in ("norm", "nosink", "authors"):
+            pts = sorted((v["alpha"], v[key]) for x, v in num.items()
+                         if v["arm"] == arm and v["seed"] == c.p.seed and v["beta"] == (0.01 if arm == "authors"
+                                                                                      else c.p.beta))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=arm)
+        if key in rng:
+            ax.axhspan(*rng[key], color="grey", alpha=0.3, label="FT, seed range")
+        ax.set_xscale("log")
+        ax.set_xlabel("alpha")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    out += _save(fig, figs / "sweep_alpha.png", "sweep against alpha")
+    chosen = SWEEP_CHOSEN.get(c.p.name)
+    base = [r for r in c.scores["base"] if r["split"] == "heldout"][:SWEEP_EVAL_EXAMPLES]
+    step0 = sum(r["nll"] * r["tokens"] for r in base) / sum(r["tokens"] for r in base)
+    curves = {x: v for x, v in num.items() if v["arm"] == "ft" or (chosen and x.startswith(chosen) and "_b" not in x)}
+    if curves:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for x, v in curves.items():
+            ax.plot([0] + [s_ for s_, _ in v["eval_curve"]], [step0] + [e for _, e in v["eval_curve"]], marker="o",
+                    ls="-" if v["arm"] == "ft" else "--", label=x)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"held-out NLL ({len(base)} examples)")
+        ax.legend(fontsize=8)
+        out += _save(fig, figs / "sweep_heldout_curves.png", "held-out NLL over steps")
+    return out
+
+
 def write_report(s: Study):
     c = Collected(s)
     figs = s.out / "report"
@@ -1098,7 +1212,7 @@ def write_report(s: Study):
                 "n_train", "n_heldout", "max_len", "epochs", "batch_size", "lr", "lora_r", "lora_alpha", "alpha",
                 "beta", "layer", "n", "temperature", "top_p", "max_new_tokens")) + "."]
     sections, numbers = [], {}
-    for fn in (section_table1, section_fig3, section_mechanism):
+    for fn in (section_table1, section_fig3, section_mechanism, section_sweep):
         text, nums = fn(c, figs)
         if text:
             sections.append(text)

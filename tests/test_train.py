@@ -157,11 +157,14 @@ def test_ibft_alpha_zero_is_bit_identical_to_ft(tmp_path, tiny_ckpt):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_ckpt, precision):
     """Also the GPU's mixed-precision path, run on the CPU: bf16 autocast, and fp16 with the gradient scaler, whose
-    state (scale, growth tracker) is checkpointed and restored."""
+    state (scale, growth tracker) is checkpointed and restored. The half-precision runs use one thread: on a CPU with
+    AMX, two threads make torch's bf16/fp16 kernels differ from run to run (seen in 3 of 4 plain reruns here; with
+    one thread, 6 of 6 agreed), which no resume could match bit for bit."""
     data = write_data(tmp_path / "d.jsonl", n=16)
     common = ["--model", tiny_ckpt, "--data", data, "--max-steps", 30, "--lr", 1e-3, "--layer", 2,
               "--method", "ibft", "--save-every", 3, "--epochs", 20, "--precision", precision]
-    run_train(*common, "--out", tmp_path / "full")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if precision != "fp32" else None
+    run_train(*common, "--out", tmp_path / "full", env=env)
     state = torch.load(tmp_path / "full" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert bool(state["scaler"]) == (precision == "fp16")
     assert json.loads((tmp_path / "full" / "config.json").read_text())["precision"] == precision
@@ -169,14 +172,14 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_ckpt, precision):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, common), "--out", str(out)], cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120                                    # kill as soon as the first checkpoint is there
     while time.time() < deadline and not (out / "checkpoint" / "trainer_state.pt").exists():
         time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
-    run_train(*common, "--out", out, "--resume")
+    run_train(*common, "--out", out, "--resume", env=env)
     a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -364,6 +367,19 @@ def test_first_step_loss_and_gradient_are_ce_plus_alpha_kl_plus_beta_ce_ib(tmp_p
     if normalizer == "padded":                                      # = the real-token mean x T_real / (B x pad_to)
         assert got["kl"] == pytest.approx((kl_sum / (int(real.sum()) * d)).item() * int(real.sum()) / (n * pad_to))
 
+    # The diagnostics of the first step: ib_share from the two terms' own gradients on the LoRA weights, the rate
+    # (KL nats per real token, summed over latent dims, whatever the normalizer), no sink in a random model.
+    lora_params = [p for lin in L.lora_layers(m).values() for p in (lin.lora_A, lin.lora_B)]
+    g_ce = torch.autograd.grad(ce, lora_params, retain_graph=True)
+    g_ib = [g if g is not None else torch.zeros_like(p) for g, p in zip(torch.autograd.grad(
+        alpha * (kl + beta * ce_ib), lora_params, retain_graph=True, allow_unused=True), lora_params)]
+    norm = lambda grads: torch.sqrt(sum(g.pow(2).sum() for g in grads))          # noqa: E731
+    assert got["ib_share"] == pytest.approx((norm(g_ib) / norm(g_ce)).item(), rel=1e-4)
+    cos = sum((a * b).sum() for a, b in zip(g_ib, g_ce)) / (norm(g_ib) * norm(g_ce))
+    assert got["ib_cos"] == pytest.approx(cos.item(), rel=1e-3, abs=1e-5)
+    assert got["rate"] == pytest.approx(kl_sum.item() / int(real.sum()), rel=1e-5)
+    assert got["sink_share"] == 0.0
+
     loss.backward()
     after = load_file(str(run / "adapter_model.safetensors"))
     for name, lin in L.lora_layers(m).items():
@@ -494,3 +510,115 @@ def test_warmup_schedules(tmp_path, tiny_ckpt):
         moved = any(v.abs().sum() > 0 for k, v in load_file(str(run / "adapter_model.safetensors")).items()
                     if "lora_B" in k)
         assert moved != hf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diagnostics (ib_share, rate, sink_share, held-out NLL) and the attention sink
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_rate_does_not_depend_on_the_kl_flags(tmp_path, tiny_ckpt):
+    """The same first step under every KL reduction and normalizer: the loss's KL term differs, the rate does not."""
+    data = write_data(tmp_path / "d.jsonl", n=4)
+    common = ["--model", tiny_ckpt, "--data", data, "--method", "ibft", "--layer", 2, "--max-steps", 1,
+              "--bottleneck-dim", 8, "--max-len", 256]
+    firsts = {}
+    for red, norm in (("mean", "real"), ("sum", "real"), ("mean", "padded"), ("sum", "padded")):
+        out = tmp_path / f"{red}_{norm}"
+        train_here(*common, "--kl-reduction", red, "--kl-normalizer", norm, "--kl-pad-to", 256, "--out", out)
+        firsts[(red, norm)] = read_metrics(out)[0]
+    rates = [r["rate"] for r in firsts.values()]
+    assert max(rates) == pytest.approx(min(rates), rel=1e-9) and rates[0] > 0
+    assert len({round(r["kl"], 9) for r in firsts.values()}) == 4
+    assert firsts[("sum", "real")]["kl"] == pytest.approx(firsts[("mean", "real")]["kl"] * 8)
+    assert firsts[("sum", "real")]["rate"] == pytest.approx(firsts[("sum", "real")]["kl"])  # sum/real: the same
+
+
+def test_diagnostics_and_eval_leave_training_bit_identical(tmp_path, tiny_ckpt):
+    """ib_share's extra backward pass and the held-out evaluations (dropout off, then on again) change nothing of
+    the run; the records carry the diagnostics at the steps asked for."""
+    data, held = write_data(tmp_path / "d.jsonl", n=8), write_data(tmp_path / "h.jsonl", n=3)
+    common = ["--model", tiny_ckpt, "--data", data, "--method", "ibft", "--layer", 2, "--max-steps", 5,
+              "--lr", 1e-3, "--epochs", 5]
+    plain = train_here(*common, "--diag-every", 0, "--out", tmp_path / "plain")
+    diag = train_here(*common, "--diag-every", 2, "--eval-data", held, "--eval-every", 2, "--out", tmp_path / "diag")
+    for name in ("adapter_model.safetensors", "vib.safetensors"):
+        a, b = load_file(str(plain / name)), load_file(str(diag / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    m_plain, m_diag = read_metrics(plain), read_metrics(diag)
+    assert [r["loss"] for r in m_plain] == [r["loss"] for r in m_diag]
+    assert [r["step"] for r in m_diag if "ib_share" in r] == [1, 2, 4]
+    assert [r["step"] for r in m_diag if "eval_nll" in r] == [2, 4, 5]
+    assert all("rate" in r and "sink_share" in r for r in m_plain) and not any("ib_share" in r for r in m_plain)
+
+
+def test_eval_nll_is_mink_py_score_on_the_same_data(tmp_path, tiny_ckpt):
+    """The held-out NLL logged at the end = the token-weighted mean of `mink.py score --k 100` (Min-100% Prob is an
+    example's mean NLL) on the saved adapter, for FT too."""
+    import mink
+    data, held = write_data(tmp_path / "d.jsonl", n=8), write_data(tmp_path / "h.jsonl", n=5)
+    run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--max-steps", 3, "--lr", 1e-2,
+                     "--eval-data", held, "--out", tmp_path / "ft")
+    got = read_metrics(run)[-1]["eval_nll"]
+    assert mink.main(["score", "--model", str(tiny_ckpt), "--adapter", str(run), "--data", str(held), "--k", "100",
+                      "--out", str(tmp_path / "s.jsonl")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    pooled = sum(r["score"] * r["n_tokens"] for r in rows) / sum(r["n_tokens"] for r in rows)
+    assert got == pytest.approx(pooled, rel=1e-5)
+    assert read_metrics(run)[0].get("eval_nll") is None                       # only at the end without --eval-every
+
+
+def test_sink_mask_marks_massive_norms_only():
+    from bottleneck import sink_mask
+    h = torch.ones(2, 6, 4)
+    h[0, 0] *= 100                                   # massive: marked
+    h[0, 3] *= 5                                     # large, not massive
+    h[1, 4:] *= 1000                                 # padding: never marked, never in the median
+    real = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    assert sink_mask(h, real).tolist() == [[True] + [False] * 5, [False] * 6]
+    assert sink_mask(h, real, ratio=4).tolist()[0] == [True, False, False, True, False, False]
+
+
+def test_exclude_sink_removes_exactly_the_sinks_terms():
+    """With a massive first token: the KL sum without the sink is the full sum less the sink's KL; every other
+    number (the label rows' latent samples and h_bar) is the same. Without a sink the flag changes nothing."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 7, 16)
+    real = torch.ones(2, 7, dtype=torch.bool)
+    real[1, 5:] = False
+    label = real.clone()
+    label[:, :2] = False                             # the sink carries no label (as in chat data)
+    for massive in (True, False):
+        hh = h.clone()
+        if massive:
+            hh[:, 0] *= 500
+        kept = VariationalBottleneck(16, IBConfig(dim=4, input_norm=False, seed=1))
+        out = VariationalBottleneck(16, IBConfig(dim=4, input_norm=False, seed=1, exclude_sink=True))
+        kl_k, hb_k, st_k = kept(hh, real, label)
+        kl_o, hb_o, st_o = out(hh, real, label)
+        assert int(st_k["n_sink"]) == (2 if massive else 0) and int(st_o["n_sink"]) == int(st_k["n_sink"])
+        torch.testing.assert_close(kl_o, kl_k - st_k["kl_sink"], rtol=0, atol=1e-6 * float(kl_k))   # fp32 sums
+        assert torch.equal(hb_k, hb_o) and torch.equal(st_k["kl_all"], st_o["kl_all"])
+        if not massive:
+            assert torch.equal(kl_o, kl_k)
+    assert float(st_k["kl_sink"]) == 0.0
+
+
+@pytest.mark.slow
+def test_the_sink_rule_marks_position_0_on_the_default_model():
+    """bottleneck.SINK_RATIO on SmolLM2-135M-Instruct at layer 20 (README, "The attention sink"): the first token of
+    every example and nothing else."""
+    from bottleneck import sink_mask
+    from default_model import default_model_path
+    try:
+        path = default_model_path()
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        pytest.skip(f"default model unavailable: {e}")
+    m, tok = M.load_model(path), load_tokenizer(path)
+    records, where = cli.read_records(REPO / "data" / "default_instruct.jsonl")
+    import data as D
+    examples, _, _ = D.encode(tok, records[:6], where[:6], D.detect_format(records, "d"), 2048)
+    ids, attn, _, _ = T.collate(examples, tok.pad_id, "cpu")
+    with torch.no_grad():
+        _, h = m.trunk(ids, attn, hidden_layer=20)
+    mask = sink_mask(h, attn)
+    assert mask[:, 0].all() and not mask[:, 1:].any()
