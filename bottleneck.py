@@ -19,7 +19,10 @@ Choices that follow the authors' released code (defaults) and the alternatives o
   - KL reduction: mean over latent dims and tokens (`kl_reduction="mean"`); "sum" sums over dims, means over tokens.
   - log sigma^2 is clamped to [-4, 4] (`logvar_clamp=4.0`); None disables the clamp.
   - s_IB = lm_head(h_bar) without the final RMSNorm (`head_norm=False`); True applies the model's final norm first.
-  - Not in the paper, a choice of this implementation: q_phi RMS-normalizes its input (`input_norm=True`), see below.
+  - Not in the paper, a choice of this implementation: attention-sink tokens stay out of the KL and CE_IB
+    (`exclude_sink=True`, sink_mask); `exclude_sink=False` is the paper's bottleneck over every real token.
+  - q_phi reads the raw hidden state, as the paper; `input_norm=True` RMS-normalizes it first (this project's earlier
+    default, under which IB-FT equals FT: README, "When does IB-FT act?").
 """
 import math
 from dataclasses import asdict, dataclass
@@ -50,8 +53,8 @@ class IBConfig:
     kl_pad_to: int = 2048           # the authors' code pads every row to 2048 tokens and averages over all of them
     logvar_clamp: Optional[float] = 4.0
     head_norm: bool = False         # apply the final RMSNorm before the LM head in the IB branch
-    input_norm: bool = True         # q_phi RMS-normalizes h before its linear map (see VariationalBottleneck)
-    exclude_sink: bool = False      # keep attention-sink tokens (sink_mask) out of the KL and CE_IB
+    input_norm: bool = False        # q_phi RMS-normalizes h before its linear map (see VariationalBottleneck)
+    exclude_sink: bool = True       # keep attention-sink tokens (sink_mask) out of the KL and CE_IB
     sink_ratio: float = SINK_RATIO  # sink_mask's threshold
     seed: int = 0
 
@@ -77,10 +80,11 @@ class VariationalBottleneck(nn.Module):
     """q_phi (encoder H -> 2d) and g_phi (decoder d -> H), with a private generator for eps and for its init,
     so adding the bottleneck never shifts the global random stream (LoRA init, dropout) of a run.
 
-    q_phi first RMS-normalizes h (no weights). Decoder hidden states carry a few massive activations: at layer 20 of
-    SmolLM2-135M the first token's norm is 25,011 and the median token's 215 (measured on the default data). A plain
-    linear encoder then starts at KL ~ 1000 per latent dim, which swamps Eq. (IB-FT) and, through gradient clipping,
-    silences the CE gradient. `input_norm=False` (--ib-raw-input) feeds h as it is."""
+    Decoder hidden states carry a few massive activations: at layer 20 of SmolLM2-135M the first token's norm is
+    25,011 and the median token's 215 (measured on the default data). On the raw state a linear encoder then puts
+    ~98% of the KL on that one constant token, which swamps Eq. (IB-FT); sink_mask finds it and `exclude_sink` keeps
+    it out. `input_norm=True` (--ib-input norm) RMS-normalizes h instead (no weights), which tames the sink but leaves
+    the regularizer's gradient at ~0.5% of CE's."""
 
     def __init__(self, hidden_size: int, cfg: IBConfig, device=None):
         super().__init__()

@@ -9,7 +9,7 @@ Runs (one adapter each, same data, seed and step budget):
     base       the model before fine-tuning
     ft         FT, Eq. (1)
     ibft       IB-FT, Eq. (IB-FT) with the bottleneck at --layer
-    ibft_raw   IB-FT with the paper-faithful raw q_phi input (--ib-raw-input): our deviation, measured
+    ibft_raw   IB-FT with the paper-faithful raw q_phi input (--ib-input raw, the sink kept)
     mink<p>    FT on the data without its p% most memorized examples by p0 (Fig. 4; mink20 = Table 1's FT w/ Min-K%)
     grand      FT on the 80% of the data with the highest GraNd scores (Table 1's FT w/ GRAND)
 
@@ -140,8 +140,8 @@ def train_flags(p: Preset, run: str, n_ft_steps: int) -> list:
              "--epochs", str(p.epochs), "--batch-size", str(p.batch_size), "--lr", str(p.lr),
              "--lora-r", str(p.lora_r), "--lora-alpha", str(p.lora_alpha), "--alpha", str(p.alpha),
              "--beta", str(p.beta), "--max-len", str(p.max_len), "--seed", str(p.seed)]
-    if run == "ibft_raw":
-        flags.append("--ib-raw-input")
+    if run.startswith("ibft"):                          # the study's runs: q_phi's input as named, the sink kept
+        flags += ["--ib-input", "raw" if run == "ibft_raw" else "norm", "--ib-sink", "keep"]
     keep = 0.8 if run == "grand" else (1 - int(run[4:]) / 100 if run.startswith("mink") else 1.0)
     if keep < 1:                                        # enough whole epochs, cut at FT's number of steps
         flags[flags.index("--epochs") + 1] = str(math.ceil(p.epochs / keep))
@@ -415,7 +415,7 @@ def stage_geometry(s: Study, d: Path):
 # A point is ARM[_aALPHA][_bBETA][_sSEED] on the preset's data, seed and step budget:
 #   ft       plain FT (seed range: ft_s0, ft_s1, ft_s2)
 #   norm     IB-FT, q_phi on the RMS-normalized hidden state (this project's first default)
-#   nosink   IB-FT, q_phi on the raw hidden state (the paper), the attention sink kept out (--ib-exclude-sink)
+#   nosink   IB-FT, q_phi on the raw hidden state (the paper), the attention sink kept out (--ib-sink exclude)
 #   authors  the authors' released code as it ran: raw input, sink kept, KL over rows padded to 2048, alpha 0.2,
 #            beta 0.01, lr 1e-4, warmup 0.1
 # Each trains with the diagnostics on (ib_share every 10 steps, held-out NLL every SWEEP_EVAL_EVERY steps on the
@@ -462,10 +462,11 @@ def sweep_flags(p: Preset, point: str, n_ft_steps: int) -> list:
     """train.py flags of one sweep point (beyond --model/--data/--out)."""
     arm, alpha, beta, seed = parse_point(point)
     flags = train_flags(p, "ft" if arm == "ft" else "ibft", n_ft_steps)
-    if arm == "nosink":
-        flags += ["--ib-raw-input", "--ib-exclude-sink"]
+    if arm != "ft":
+        flags = set_flag(set_flag(flags, "--ib-input", "norm" if arm == "norm" else "raw"), "--ib-sink",
+                         "exclude" if arm == "nosink" else "keep")
     if arm == "authors":
-        flags += ["--ib-raw-input", "--kl-normalizer", "padded", "--kl-pad-to", "2048"]
+        flags += ["--kl-normalizer", "padded", "--kl-pad-to", "2048"]
         for name, value in (("--alpha", 0.2), ("--beta", 0.01), ("--lr", 1e-4), ("--warmup-ratio", 0.1)):
             flags = set_flag(flags, name, value)
     for name, value in (("--alpha", alpha), ("--beta", beta), ("--seed", seed)):
@@ -534,6 +535,121 @@ def stage_sweep(s: Study, d: Path, point: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Stages: barrier_* (a controlled memorization barrier: Sec. 3 and Appendix A's premise, tested directly)
+# ----------------------------------------------------------------------------------------------------------------
+
+# D_m, a seeded half of the training split, is first made memorized: FT on D_m alone, in rounds of (epochs) at lr
+# (each round a fresh run), until the median Min-20% Prob of D_m falls below the base model's most-memorized quintile
+# (the 20th percentile of p0 over the whole training split); that adapter is merged. Then FT and the chosen IB-FT
+# train on D_m + D_n (the whole split, FT's step budget) from the merged model.
+BARRIER = {"laptop": ((4, 8, 16), 5e-4), "smoke": ((4, 8), 3e-2)}      # preset -> (rounds' epochs, lr)
+
+
+def barrier_halves(s: Study) -> tuple:
+    """(D_m, D_n): training-split indices, a seeded half each."""
+    n = len(read_jsonl(s.split_file("train")))
+    order = np.random.default_rng(s.preset.seed + 1).permutation(n).tolist()
+    return sorted(order[:n // 2]), sorted(order[n // 2:])
+
+
+def group_gradient_shares(s: Study, model_path: Path, halves: tuple) -> dict:
+    """The first step's CE gradient on a fresh LoRA (the preset's r, alpha, seed; no dropout), split by where its
+    tokens come from: g = g_m + g_n, and each group's share <g_x, g> / |g|^2 (the two add up to 1), with the norms."""
+    import torch
+    import lora
+    import train
+    from model import load_model
+    from tokenizer import load_tokenizer
+    import data
+    from model import linear_cross_entropy
+    p, tok = s.preset, load_tokenizer(model_path)
+    model = load_model(model_path, device=s.device)
+    lora.inject_lora(model, r=p.lora_r, alpha=p.lora_alpha, dropout=0.0,
+                     generator=torch.Generator().manual_seed(p.seed))
+    records, where = read_records(s.split_file("train"))
+    encoded, _, _ = data.encode(tok, records, where, data.detect_format(records, "train"), p.max_len)   # as train.py
+    n_label = sum(sum(t[1:]) for _, t in encoded)                           # the step's label tokens
+    params = [q for q in model.parameters() if q.requires_grad]
+    grads = []
+    for idx in halves:
+        model.zero_grad(set_to_none=True)
+        for b in range(0, len(idx), p.batch_size):
+            ids, attn, label, tgt = train.collate([encoded[i] for i in idx[b:b + p.batch_size]], tok.pad_id,
+                                                  model.lm_head.weight.device)
+            (linear_cross_entropy(model.model.norm(model.trunk(ids, attn)[0][label]), model.lm_head.weight, tgt)
+             / n_label).backward()
+        grads.append(torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).flatten() for q in params]))
+    g = grads[0] + grads[1]
+    return {"share_m": float(grads[0] @ g / (g @ g)), "share_n": float(grads[1] @ g / (g @ g)),
+            "norm_m": float(grads[0].norm()), "norm_n": float(grads[1].norm()), "norm": float(g.norm())}
+
+
+def stage_barrier_memorize(s: Study, d: Path):
+    import mink
+    import train
+    import lora
+    p = s.preset
+    d_m, d_n = barrier_halves(s)
+    records = read_jsonl(s.split_file("train"))
+    p0 = [r["mink"] for r in read_jsonl(s.stage_dir("score_base") / "scores.jsonl") if r["split"] == "train"]
+    threshold = float(np.quantile(p0, 0.2))
+    data = s.work / "data" / "barrier_m.jsonl"
+    write_jsonl(data, [records[i] for i in d_m])
+    rounds, run_dir, (schedule, lr) = [], None, BARRIER[p.name]
+    for epochs in schedule:
+        run_dir = s.work / "barrier" / f"memorize_e{epochs}"
+        flags = set_flag(set_flag(train_flags(p, "ft", 0), "--epochs", epochs), "--lr", lr)
+        if not (run_dir / "adapter_model.safetensors").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            train.train(train.parse_args(flags + ["--model", str(s.model_path), "--data", str(data),
+                                                  "--out", str(run_dir)]))
+        model, tok = mink.load_scored_model(s.model_path, run_dir, device=s.device)
+        scores = score_rows(model, tok, [records[i] for i in d_m], "instruction", "response",
+                            mink.default_batch_size(model))
+        median = float(np.median([r["mink"] for r in scores]))
+        rounds.append({"epochs": epochs, "d_m_min20_median": median, "flags": flags})
+        if median < threshold:
+            break
+    else:
+        raise UsageError(f"D_m's median Min-20% Prob stayed above {threshold:.3f} after {schedule[-1]} epochs")
+    merged = s.work / "barrier" / "memorized"
+    shutil.rmtree(merged, ignore_errors=True)
+    lora.merge_checkpoint(s.model_path, run_dir, merged)
+    model, tok = mink.load_scored_model(merged, device=s.device)
+    write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
+    del model
+    shares = {"base": group_gradient_shares(s, s.model_path, (d_m, d_n)),
+              "memorized": group_gradient_shares(s, merged, (d_m, d_n))}
+    write_json(d / "barrier.json", {
+        "rule": "FT on D_m alone, rounds of " + ", ".join(map(str, schedule)) + f" epochs at lr {lr:g} "
+                "(each a fresh run), until the median Min-20% Prob of D_m < the 20th percentile of the base "
+                "model's p0 over the training split; that adapter merged",
+        "d_m": d_m, "d_n": d_n, "threshold": threshold, "rounds": rounds, "gradient_shares": shares})
+    return (f"D_m memorized after {rounds[-1]['epochs']} epochs (median Min-20% {rounds[-1]['d_m_min20_median']:.3f} "
+            f"< {threshold:.3f}); D_m's gradient share {shares['base']['share_m']:.3f} on the base model, "
+            f"{shares['memorized']['share_m']:.3f} on the memorized one")
+
+
+def stage_barrier_train(s: Study, d: Path, point: str):
+    import mink
+    import train
+    merged, run_dir = s.work / "barrier" / "memorized", s.work / "barrier" / point
+    flags = sweep_flags(s.preset, point, ft_steps(s)) + [
+        "--model", str(merged), "--data", str(s.split_file("train")), "--out", str(run_dir), "--save-every", "10",
+        "--diag-every", "10"]
+    if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
+        flags.append("--resume")
+    train.train(train.parse_args(flags))
+    for name in ("metrics.jsonl", "config.json"):
+        write_text(d / name, (run_dir / name).read_text())
+    model, tok = mink.load_scored_model(merged, run_dir, device=s.device)
+    write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
+    write_json(d / "point.json", {"point": point, "train_flags": flags})
+    m = read_jsonl(d / "metrics.jsonl")
+    return f"{len(m)} steps from the memorized model, ce {m[0]['ce']:.4f} -> {m[-1]['ce']:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The plan: stages, dependencies, cost estimates
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -561,6 +677,13 @@ def plan(p: Preset) -> list:
     for run in ("base", "ft", "ibft"):
         dep = () if run == "base" else (f"train_{run}",)
         stages.append(Stage(f"temps_{run}", lambda s, d, r=run: stage_temps(s, d, r), dep, "Fig. 6"))
+    if p.name in BARRIER:
+        stages.append(Stage("barrier_memorize", stage_barrier_memorize, ("split", "score_base"),
+                            "memorization barrier: D_m memorized"))
+    for point in ("ft_s0", SWEEP_CHOSEN.get(p.name)) if p.name in BARRIER else ():
+        if point:
+            stages.append(Stage(f"barrier_{point}", lambda s, d, x=point: stage_barrier_train(s, d, x),
+                                ("barrier_memorize",), "memorization barrier: D_m + D_n from the memorized model"))
     for point in sweep_points(p):
         deps = ("split", "score_base") + (() if point == sweep_ft(point) else (f"sweep_{sweep_ft(point)}",))
         stages.append(Stage(f"sweep_{point}", lambda s, d, x=point: stage_sweep(s, d, x), deps,
@@ -595,6 +718,10 @@ def estimate_minutes(s: Study, stage: str) -> float:
         return n_prob * p.n * (len(p.temperatures) - 1) * r["tokens_per_sample"] / r["generate"] / 60
     if kind == "geometry":
         return 3 * 0.4 * train_tok / r["score"] / 60
+    if kind == "barrier":     # memorize: about 8 epochs over half the split; then one training and scoring
+        if run == "memorize":
+            return (8 * 0.5 * train_tok / r["train"] + 2 * (train_tok + held_tok) / r["score"]) / 60
+        return (p.epochs * train_tok / r["train"] * 1.1 + (train_tok + held_tok) / r["score"]) / 60
     if kind == "sweep":       # train with diagnostics (+15%), score both splits, one geometry pass
         train = p.epochs * train_tok / r["train"] * (1.0 if run.startswith("ft") else 1.1) * 1.15
         return (train + (train_tok + held_tok) / r["score"] + 0.4 * train_tok / r["score"]) / 60
@@ -616,6 +743,8 @@ def is_ready(s: Study, stage: str) -> bool:
     if stage.startswith("train_") and not (s.run_dir(stage[len("train_"):]) / "adapter_model.safetensors").exists():
         return False
     if stage.startswith("sweep_") and not (s.work / "sweep" / stage[len("sweep_"):] / "adapter_model.safetensors").exists():
+        return False
+    if stage == "barrier_memorize" and not (s.work / "barrier" / "memorized" / "model.safetensors").exists():
         return False
     if stage == "split" and not all(s.split_file(part).exists() for part in ("train", "heldout")):
         return False                                    # the materialized subsets live in work/ too
@@ -1200,6 +1329,47 @@ def _sweep_figures(plt, c: Collected, figs: Path, num: dict, rng: dict) -> list:
     return out
 
 
+def section_barrier(c: Collected, figs: Path) -> tuple:
+    """The memorization barrier: NLL drops on D_m, D_n and held-out data, from the base and the memorized model."""
+    if "barrier_memorize" not in c.done or "base" not in c.scores:
+        return None, {}
+    info = read_json(c.s.stage_dir("barrier_memorize") / "barrier.json")
+    memorized = read_jsonl(c.s.stage_dir("barrier_memorize") / "scores.jsonl")
+    groups = {"D_m": set(info["d_m"]), "D_n": set(info["d_n"])}
+
+    def drops(before, after):
+        out = {}
+        for name, idx in groups.items():
+            pairs = [(b["nll"], a["nll"]) for b, a in zip(before, after) if b["split"] == "train" and b["index"] in idx]
+            out[name] = float(np.mean([b - a for b, a in pairs]))
+        out["held-out"] = float(np.mean([b["nll"] - a["nll"] for b, a in zip(before, after) if b["split"] == "heldout"]))
+        return out
+
+    runs = {}
+    if "sweep_ft_s0" in c.done:
+        runs["FT from the base model (sweep ft_s0)"] = drops(c.scores["base"],
+                                                             read_jsonl(c.s.stage_dir("sweep_ft_s0") / "scores.jsonl"))
+    for point in ("ft_s0", SWEEP_CHOSEN.get(c.p.name)):
+        if point and f"barrier_{point}" in c.done:
+            runs[f"{'FT' if point.startswith('ft') else f'IB-FT `{point}`'} from the memorized model"] = drops(
+                memorized, read_jsonl(c.s.stage_dir(f"barrier_{point}") / "scores.jsonl"))
+    sh = info["gradient_shares"]
+    text = ["## A controlled memorization barrier", "",
+            f"Rule: {info['rule']}. D_m and D_n are {len(info['d_m'])} and {len(info['d_n'])} training examples. "
+            "Rounds (epochs: D_m's median Min-20% Prob): " + ", ".join(
+                f"{r['epochs']}: {r['d_m_min20_median']:.3f}" for r in info["rounds"]) +
+            f"; the threshold was {info['threshold']:.3f}.", "",
+            "The first step's CE gradient on a fresh LoRA, split by the examples its tokens come from (share = "
+            "<g_group, g> / |g|^2; the two add up to 1):", "",
+            md_table(["model", "D_m share", "D_n share", "norm of g_m", "norm of g_n"],
+                     [[k, f"{v['share_m']:.3f}", f"{v['share_n']:.3f}", f"{v['norm_m']:.4f}", f"{v['norm_n']:.4f}"]
+                      for k, v in sh.items()]), "",
+            "Mean response-NLL drop per example (nats/token), paired against the model each run started from:", "",
+            md_table(["run", "D_m", "D_n", "held-out"],
+                     [[k] + [f"{v[g]:+.4f}" for g in ("D_m", "D_n", "held-out")] for k, v in runs.items()])]
+    return "\n".join(text), {"info": {k: v for k, v in info.items() if k not in ("d_m", "d_n")}, "drops": runs}
+
+
 def write_report(s: Study):
     c = Collected(s)
     figs = s.out / "report"
@@ -1212,7 +1382,7 @@ def write_report(s: Study):
                 "n_train", "n_heldout", "max_len", "epochs", "batch_size", "lr", "lora_r", "lora_alpha", "alpha",
                 "beta", "layer", "n", "temperature", "top_p", "max_new_tokens")) + "."]
     sections, numbers = [], {}
-    for fn in (section_table1, section_fig3, section_mechanism, section_sweep):
+    for fn in (section_table1, section_fig3, section_mechanism, section_sweep, section_barrier):
         text, nums = fn(c, figs)
         if text:
             sections.append(text)

@@ -50,6 +50,7 @@ from model import linear_cross_entropy, load_model
 from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent
+PAPER_ALPHA = 0.1                       # Appendix C.1 (--paper-ib)
 DEFAULT_DATA = REPO / "data" / "default_instruct.jsonl"
 
 
@@ -96,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", default=",".join(lora.DEFAULT_TARGETS),
                    help="comma-separated module names LoRA adapts (Appendix C.1: all seven projections)")
     p.add_argument("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--alpha", type=float, default=0.1,
-                   help="IB weight alpha in Eq. (IB-FT) (paper: 0.1; the authors' released code runs 0.2)")
-    p.add_argument("--beta", type=float, default=0.02,
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"IB weight alpha in Eq. (IB-FT) (default {IBConfig.alpha}, chosen by the sensitivity sweep "
+                        f"(README, 'When does IB-FT act?'); the paper: 0.1, --paper-ib; the authors' code runs 0.2)")
+    p.add_argument("--beta", type=float, default=IBConfig.beta,
                    help="IB trade-off beta in Eq. (6) (paper: 0.02 OriGen, 0.01 Evol-CodeAlpaca; the authors' released "
                         "code runs 0.01)")
     p.add_argument("--bottleneck-dim", type=int, default=256, help="latent size d")
@@ -113,12 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the padded length per row that --kl-normalizer padded divides by (authors' code: 2048)")
     p.add_argument("--logvar-clamp", type=float, default=4.0, help="clamp log sigma^2 to [-c, c]; 0 disables")
     p.add_argument("--ib-head-norm", action="store_true", help="apply the final RMSNorm before the IB branch's LM head")
-    p.add_argument("--ib-raw-input", action="store_true",
-                   help="feed q_phi the raw hidden state, as the paper and the authors' code do (default: "
-                        "RMS-normalized, a choice of this implementation)")
-    p.add_argument("--ib-exclude-sink", action="store_true",
-                   help="keep attention-sink tokens (layer-l* norm > --ib-sink-ratio x their row's median: on SmolLM2 "
-                        "the first token) out of the KL and CE_IB")
+    p.add_argument("--ib-input", default=None, choices=["raw", "norm"],
+                   help="what q_phi reads: raw: the hidden state as it is (the paper, the authors' code; default); "
+                        "norm: RMS-normalized first (this project's earlier default: it leaves IB-FT equal to FT)")
+    p.add_argument("--ib-sink", default=None, choices=["exclude", "keep"],
+                   help="exclude (default): attention-sink tokens (layer-l* norm > --ib-sink-ratio x their row's "
+                        "median; on SmolLM2 the first token) stay out of the KL and CE_IB; keep: every real token "
+                        "(the paper)")
+    p.add_argument("--paper-ib", action="store_true",
+                   help="the paper's IB-FT literally: the sink kept, alpha 0.1 (an explicit --alpha or --ib-sink "
+                        "still wins)")
     p.add_argument("--ib-sink-ratio", type=float, default=SINK_RATIO,
                    help="the norm ratio above which a token is an attention sink (bottleneck.SINK_RATIO, measured)")
     p.add_argument("--diag-every", type=int, default=10,
@@ -165,6 +171,13 @@ def parse_args(argv=None):
         raise UsageError("--ib-sink-ratio must be > 1 (a sink is a token far above its row's median norm)")
     if args.eval_every and not args.eval_data:
         raise UsageError("--eval-every needs --eval-data")
+    # The IB-FT setting: this project's defaults (IBConfig), or the paper's literal values under --paper-ib.
+    if args.alpha is None:
+        args.alpha = PAPER_ALPHA if args.paper_ib else IBConfig.alpha
+    if args.ib_sink is None:
+        args.ib_sink = "keep" if args.paper_ib or not IBConfig.exclude_sink else "exclude"
+    if args.ib_input is None:
+        args.ib_input = "norm" if IBConfig.input_norm else "raw"
     return args
 
 
@@ -390,7 +403,7 @@ def save_vib(vib, path: Path, hidden_size: int):
 
 RESUME_KEYS = ("method", "layer", "model", "data", "batch_size", "grad_accum", "global_batch_size", "lr", "epochs",
                "max_len", "seed", "lora_r", "lora_alpha", "lora_dropout", "alpha", "beta", "bottleneck_dim",
-               "kl_normalizer", "kl_pad_to", "hf_warmup", "prune", "keep", "ib_raw_input", "ib_exclude_sink",
+               "kl_normalizer", "kl_pad_to", "hf_warmup", "prune", "keep", "ib_input", "ib_sink",
                "ib_sink_ratio")
 
 
@@ -508,7 +521,7 @@ def make_bottleneck(args, model, device) -> Optional[VariationalBottleneck]:
     ib = IBConfig(layer=args.layer, dim=args.bottleneck_dim, alpha=args.alpha, beta=args.beta,
                   kl_reduction=args.kl_reduction, kl_normalizer=args.kl_normalizer, kl_pad_to=args.kl_pad_to,
                   logvar_clamp=args.logvar_clamp or None, head_norm=args.ib_head_norm,
-                  input_norm=not args.ib_raw_input, exclude_sink=args.ib_exclude_sink,
+                  input_norm=args.ib_input == "norm", exclude_sink=args.ib_sink == "exclude",
                   sink_ratio=args.ib_sink_ratio, seed=args.seed)
     return VariationalBottleneck(model.hidden_size, ib, device=device).train()
 

@@ -43,7 +43,7 @@ def batch(path, n):
 
 def step(obj, b):
     ids, attn, label, tgt = b
-    ce, kl, ce_ib = obj(ids, attn, label, tgt)
+    ce, kl, ce_ib, _ = obj(ids, attn, label, tgt)
     cfg = obj.vib.cfg if obj.vib is not None else None
     n_kl = kl_count(cfg, attn.sum(), ids.shape[0]) if cfg is not None else 1.0
     loss, *_ = ibft_loss(ce, kl, ce_ib, label.sum(), n_kl, cfg)

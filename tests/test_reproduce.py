@@ -47,7 +47,8 @@ def test_runs_share_the_step_budget_and_pruning_follows_p0(smoke):
     assert max(p0[i] for i in dropped) <= min(p0[i] for i in kept)           # the most memorized went first
     ibft = jsonl(smoke / "train_ibft" / "metrics.jsonl")
     assert all(r["kl"] > 0 and r["ce_ib"] > 0 for r in ibft)
-    assert json.loads((smoke / "train_ibft_raw" / "config.json").read_text())["ib_raw_input"] is True
+    assert json.loads((smoke / "train_ibft_raw" / "config.json").read_text())["ib_input"] == "raw"
+    assert json.loads((smoke / "train_ibft" / "config.json").read_text())["ib_input"] == "norm"
 
 
 def test_metrics_are_recomputable_from_the_committed_files(smoke):

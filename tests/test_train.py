@@ -303,8 +303,8 @@ def read_metrics(run_dir):
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("normalizer", ["real", "padded"])
-def test_first_step_loss_and_gradient_are_ce_plus_alpha_kl_plus_beta_ce_ib(tmp_path, tiny_ckpt, normalizer,
+@pytest.mark.parametrize("normalizer,ib_input", [("real", "raw"), ("padded", "norm")])
+def test_first_step_loss_and_gradient_are_ce_plus_alpha_kl_plus_beta_ce_ib(tmp_path, tiny_ckpt, normalizer, ib_input,
                                                                           monkeypatch):
     """One micro-batch of 4, fixed eps: loss = CE.mean() + alpha (KL mean + beta CE_IB.mean()), every term rebuilt
     here with plain torch ops from the model's logits and hidden states, the VIB weights and the bottleneck's
@@ -316,7 +316,8 @@ def test_first_step_loss_and_gradient_are_ce_plus_alpha_kl_plus_beta_ce_ib(tmp_p
     run = train_here("--model", tiny_ckpt, "--data", data, "--out", tmp_path / "r", "--method", "ibft",
                      "--layer", layer, "--bottleneck-dim", d, "--alpha", alpha, "--beta", beta, "--seed", seed,
                      "--batch-size", n, "--max-steps", 1, "--lr", 1, "--warmup-ratio", 0, "--max-grad-norm", 1e9,
-                     "--lora-dropout", 0, "--max-len", pad_to, "--kl-normalizer", normalizer, "--kl-pad-to", pad_to)
+                     "--lora-dropout", 0, "--max-len", pad_to, "--kl-normalizer", normalizer, "--kl-pad-to", pad_to,
+                     "--ib-input", ib_input)
     got = read_metrics(run)[0]
 
     # The batch: epoch 0's seeded permutation, right-padded.
@@ -340,11 +341,12 @@ def test_first_step_loss_and_gradient_are_ce_plus_alpha_kl_plus_beta_ce_ib(tmp_p
     logits, h = m(ids, attention_mask=real.long(), hidden_layer=layer)          # (B, T, V), (B, T, H)
     ce = F.cross_entropy(torch.stack([logits[b, t] for b, t in pos]), tgt)     # mean over label tokens
 
-    # q_phi on RMS-normalized h (default), log sigma^2 clamped to [-4, 4], KL to N(0, I) from its formula.
+    # q_phi on h (raw, the default) or on RMS-normalized h, log sigma^2 clamped to [-4, 4], KL to N(0, I) from its
+    # formula. A random model has no attention sink: excluding sinks (the default) changes nothing here.
     vib0 = VariationalBottleneck(m.hidden_size, IBConfig(layer=layer, dim=d, seed=seed))   # the initial weights
     We, be = vib0.encoder.weight, vib0.encoder.bias
     Wd, bd = vib0.decoder.weight, vib0.decoder.bias
-    hn = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    hn = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) if ib_input == "norm" else h
     mu, logvar = (hn @ We.T + be).split(d, dim=-1)                             # (B, T, d) each
     logvar = logvar.clamp(-4, 4)
     kl_tok = 0.5 * (mu ** 2 + torch.exp(logvar) - 1 - logvar)                   # (B, T, d)
@@ -591,7 +593,7 @@ def test_exclude_sink_removes_exactly_the_sinks_terms():
         hh = h.clone()
         if massive:
             hh[:, 0] *= 500
-        kept = VariationalBottleneck(16, IBConfig(dim=4, input_norm=False, seed=1))
+        kept = VariationalBottleneck(16, IBConfig(dim=4, input_norm=False, seed=1, exclude_sink=False))
         out = VariationalBottleneck(16, IBConfig(dim=4, input_norm=False, seed=1, exclude_sink=True))
         kl_k, hb_k, st_k = kept(hh, real, label)
         kl_o, hb_o, st_o = out(hh, real, label)
