@@ -391,7 +391,8 @@ def pair_geometry(s: Study, model, tok, most, least, pairs) -> dict:
     rows, scored = mink.encode_examples(tok, [examples[i] for i in chosen])
     hidden = mink.pooled_hidden(model, rows, s.preset.layer, scored, mink.default_batch_size(model))
     l2, angle = mink.pair_geometry(hidden, pairs, index_of)
-    return {"l2": [round(float(x), 4) for x in l2], "angle": [round(float(x), 4) for x in angle]}
+    return {"l2": [round(float(x), 4) for x in l2], "angle": [round(float(x), 4) for x in angle],
+            "norm": [round(float(x), 4) for x in hidden.norm(dim=-1)]}
 
 
 def stage_geometry(s: Study, d: Path):
@@ -526,12 +527,28 @@ def stage_sweep(s: Study, d: Path, point: str):
     ref = s.work / "sweep" / sweep_ft(point)
     write_json(d / "point.json", {
         "point": point, "train_flags": flags, "train_seconds": round(train_seconds, 1),
-        "geometry": {"l2_median": float(np.median(geo["l2"])), "angle_median": float(np.median(geo["angle"]))},
+        "geometry": {"l2_median": float(np.median(geo["l2"])), "angle_median": float(np.median(geo["angle"])),
+                     "norm_median": float(np.median(geo["norm"]))},
         "adapter_distance_from_ft": None if point == sweep_ft(point) else adapter_distance(run_dir, ref)})
     m = read_jsonl(d / "metrics.jsonl")
     shares = [r["ib_share"] for r in m if "ib_share" in r]
     return (f"{len(m)} steps, ce {m[0]['ce']:.4f} -> {m[-1]['ce']:.4f}, eval_nll {m[-1]['eval_nll']:.4f}"
             + (f", ib_share median {np.median(shares):.3f}, rate {m[-1]['rate']:.2f}" if shares else ""))
+
+
+def stage_sweep_norms(s: Study, d: Path):
+    """The median norm of Fig. 5's pooled layer-l* states for the base model and every trained sweep point: whether
+    a change of the pairs' l2 distance is a change of scale (the angle is scale-free)."""
+    import mink
+    most, least, pairs = geometry_groups(s)
+    out = {}
+    for point in ["base"] + [x for x in sweep_points(s.preset) if is_ready(s, f"sweep_{x}")]:
+        adapter = None if point == "base" else s.work / "sweep" / point
+        model, tok = mink.load_scored_model(s.model_path, adapter, device=s.device)
+        out[point] = float(np.median(pair_geometry(s, model, tok, most, least, pairs)["norm"]))
+        del model
+    write_json(d / "norms.json", out)
+    return ", ".join(f"{k} {v:.1f}" for k, v in out.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -677,6 +694,9 @@ def plan(p: Preset) -> list:
     for run in ("base", "ft", "ibft"):
         dep = () if run == "base" else (f"train_{run}",)
         stages.append(Stage(f"temps_{run}", lambda s, d, r=run: stage_temps(s, d, r), dep, "Fig. 6"))
+    if sweep_points(p):
+        stages.append(Stage("geometry_sweep", stage_sweep_norms, ("split", "score_base"),
+                            "sensitivity: the pooled states' norms (Fig. 5's scale)"))
     if p.name in BARRIER:
         stages.append(Stage("barrier_memorize", stage_barrier_memorize, ("split", "score_base"),
                             "memorization barrier: D_m memorized"))
@@ -1226,7 +1246,7 @@ def section_mechanism(c: Collected, figs: Path) -> tuple:
 SWEEP_MEASURES = (   # (key, column, digits): what each sweep point is read by, against FT's seed range
     ("drop_heldout", "held-out NLL drop", 4), ("drop_train", "train NLL drop", 4), ("gap", "gap", 4),
     ("spread", "quintile spread", 4), ("l2_median", "l2 median", 2), ("angle_median", "angle median", 2),
-    ("distance", "distance from FT", 3))
+    ("norm_median", "pooled norm median", 1), ("distance", "distance from FT", 3))
 
 
 def sweep_point_numbers(s: Study, base_scores: list, point: str) -> dict:
@@ -1256,6 +1276,9 @@ def section_sweep(c: Collected, figs: Path) -> tuple:
         return None, {}
     base = c.scores["base"]
     num = {x: sweep_point_numbers(c.s, base, x) for x in points}
+    norms = read_json(c.s.stage_dir("geometry_sweep") / "norms.json") if "geometry_sweep" in c.done else {}
+    for x in points:
+        num[x]["norm_median"] = norms.get(x)
     ft = [x for x in points if num[x]["arm"] == "ft"]
     rng = {k: (min(num[x][k] for x in ft), max(num[x][k] for x in ft)) for k, _, _ in SWEEP_MEASURES
            if len(ft) >= 2 and all(num[x][k] is not None for x in ft)}
@@ -1283,7 +1306,9 @@ def section_sweep(c: Collected, figs: Path) -> tuple:
             "(summed over latent dims); sink share: median share of all tokens' KL on the sink. NLL drops are paired "
             "per example against the base model (nats/token); the gap is train drop - held-out drop; the quintile "
             "spread is the mechanism table's; l2/angle medians are Fig. 5's; the distance is ||dW - dW_FT|| / "
-            "||dW_FT|| from FT's adapter at the same seed. **Bold**: outside FT's range over "
+            "||dW_FT|| from FT's adapter at the same seed; the pooled norm median is the median norm of the same "
+            "pooled states (`geometry_sweep`" + (f"; base model {norms['base']:.1f}" if "base" in norms else "") +
+            "). **Bold**: outside FT's range over "
             f"{len(ft)} seeds" + (f" ({', '.join(f'{k} {lo:.4g}..{hi:.4g}' for k, (lo, hi) in rng.items())})"
                                   if rng else " (needs two FT seeds)") + ".", "",
             md_table(["point", "alpha", "beta", "seed", "ib_share", "rate", "sink share"] +
