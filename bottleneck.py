@@ -46,7 +46,8 @@ SINK_RATIO = 12.0
 class IBConfig:
     layer: int = 20                 # l*: the output of this decoder block (1-indexed) is bottlenecked
     dim: int = 256                  # d, the latent size (Appendix B: d << H)
-    alpha: float = 0.1              # weight of l_IB in Eq. (IB-FT)                     (Appendix C.1)
+    alpha: float = 0.01             # weight of l_IB in Eq. (IB-FT): the sensitivity sweep's choice (README); the
+                                    # paper's 0.1 (Appendix C.1) is train.py --paper-ib
     beta: float = 0.02              # compression/prediction trade-off of Eq. (6); 0.02 OriGen, 0.01 Evol-CodeAlpaca
     kl_reduction: str = "mean"      # "mean" over dims and tokens (authors' code) | "sum" over dims, mean over tokens
     kl_normalizer: str = "real"     # the tokens the KL mean runs over: "real" ones | "padded": rows x kl_pad_to

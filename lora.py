@@ -33,12 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cli import ADAPTER_HELP, MODEL_HELP, atomic_write, fail
+from cli import ADAPTER_HELP, MODEL_HELP, CheckpointError, atomic_write, fail
 from default_model import default_model_path
-from model import load_model
+from model import load_model, open_safetensors
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Appendix C.1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -276,10 +275,10 @@ def _check_keys(expected: dict[str, tuple], got: dict[str, tuple], source: str) 
     for kind, keys in (("missing key", missing), ("unexpected key", unexpected)):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise ValueError(f"{source}: {kind} {keys[0]}{more}")
+            raise CheckpointError(f"{source}: {kind} {keys[0]}{more}")
     for k, shape in expected.items():
         if tuple(got[k]) != tuple(shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(got[k])}, the model needs {tuple(shape)}")
+            raise CheckpointError(f"{source}: {k} has shape {tuple(got[k])}, the model needs {tuple(shape)}")
 
 
 @torch.no_grad()
@@ -344,7 +343,7 @@ _READ = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslor
 def config_from_peft(raw: dict, source: str) -> LoRAConfig:
     """Validate a PEFT adapter_config.json and turn it into a LoRAConfig; refuse what this file cannot compute."""
     def bad(msg):
-        return ValueError(f"{source}: {msg}")
+        return CheckpointError(f"{source}: {msg}")
     if raw.get("peft_type") != "LORA":
         raise bad(f"peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
     if raw.get("task_type") not in ("CAUSAL_LM", None):
@@ -375,22 +374,25 @@ def config_from_peft(raw: dict, source: str) -> LoRAConfig:
 
 def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     """Inject LoRA into a fresh base model as adapter_dir's adapter_config.json says and load its weights.
-    The adapter is checked completely (config, keys, shapes) before the model is touched."""
+    The adapter is checked completely (config, keys, shapes) before the model is touched. A missing, truncated or
+    malformed file of it is a CheckpointError naming the file."""
     d = Path(adapter_dir)
     cfg_path, w_path = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
     if not d.is_dir():
-        raise FileNotFoundError(f"lora.py: adapter folder {d} does not exist")
+        raise CheckpointError(f"adapter folder {d} does not exist")
     for p in (cfg_path, w_path):
         if not p.is_file():
             hint = " (adapter_model.bin is a pickle and is not read; convert it to safetensors)" \
                 if p == w_path and (d / "adapter_model.bin").exists() else ""
-            raise FileNotFoundError(f"{p}: missing{hint}")
+            raise CheckpointError(f"{p}: missing{hint}")
     try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as e:                                              # invalid JSON or invalid UTF-8
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
     cfg = config_from_peft(raw, str(cfg_path))
-    with safe_open(str(w_path), "pt") as f:
+    with open_safetensors(w_path) as f:
         # PEFT writes `...lora_A.weight`; states taken before PEFT strips adapter names hold `...lora_A.default.weight`.
         state = {re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", k): f.get_tensor(k) for k in f.keys()}
     _check_keys(_expected_shapes(_find_targets(model, cfg), cfg.r), {k: v.shape for k, v in state.items()},

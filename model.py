@@ -539,6 +539,15 @@ def _weight_files(path: Path) -> list:
                           f"(only safetensors checkpoints are read)")
 
 
+def open_safetensors(f: Path):
+    """safe_open of one weights file; a truncated or corrupt file is a CheckpointError naming it (lora.py too)."""
+    from safetensors import safe_open
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except Exception as e:                        # SafetensorError (not an OSError): header too small, incomplete, ...
+        raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
 def read_config(path) -> dict:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.exists():
@@ -561,7 +570,6 @@ def checkpoint_eos_ids(path: Path, ids=()) -> list:
 
 def load_model(path=None, dtype=None, device=None) -> Transformer:
     """Load a Llama-family HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct) in eval mode."""
-    from safetensors import safe_open
     path = Path(path) if path is not None else default_model_path()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
@@ -574,7 +582,7 @@ def load_model(path=None, dtype=None, device=None) -> Transformer:
     expected = set(params) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
     seen = set()
     for f in _weight_files(path):
-        with safe_open(str(f), framework="pt", device="cpu") as st:
+        with open_safetensors(f) as st:
             names = list(st.keys())
         for name in names:
             if name.endswith("rotary_emb.inv_freq"):
@@ -586,7 +594,7 @@ def load_model(path=None, dtype=None, device=None) -> Transformer:
             # One short-lived memory map per tensor: when the tensor is converted (bf16 file -> fp32 model) or
             # moved to the GPU, its source pages are unmapped right away, so peak RSS stays near the model's size.
             # Same dtype on the CPU: the tensor keeps pointing into the (copy-on-write) map, with no copy at all.
-            with safe_open(str(f), framework="pt", device="cpu") as st:
+            with open_safetensors(f) as st:
                 t = st.get_tensor(name)
             want = tuple(params[name].shape)
             if tuple(t.shape) != want:

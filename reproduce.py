@@ -425,19 +425,21 @@ def stage_geometry(s: Study, d: Path):
 SWEEP = {
     "laptop": ("ft_s0", "nosink_a0.03", "nosink_a0.1", "ft_s1", "ft_s2", "nosink_a0.01", "nosink_a0.3",
                "nosink_a0.001", "norm_a100", "norm_a1000", "norm_a10", "norm_a1", "authors", "norm_a0.1"),
-    "smoke": ("ft_s0", "nosink_a0.1", "norm_a10", "authors", "ft_s1"),
+    "smoke": ("ft_s0", "norm_a10", "authors"),
 }
 # The chosen setting (README, "When does IB-FT act?"): its beta neighbours and its other seeds run too.
-SWEEP_CHOSEN = {"laptop": "nosink_a0.03", "smoke": "nosink_a0.1"}
+SWEEP_CHOSEN = {"laptop": "nosink_a0.01", "smoke": "nosink_a0.1"}
 SWEEP_EVAL_EVERY = 20
 SWEEP_EVAL_EXAMPLES = 40
 POINT = re.compile(r"(ft|norm|nosink|authors)(?:_a([0-9.e-]+))?(?:_b([0-9.e-]+))?(?:_s([0-9]+))?")
 
 
 def sweep_points(p: Preset) -> list:
+    """The preset's points, then the chosen setting, its beta neighbours, and FT and it at seeds 1 and 2."""
     chosen = SWEEP_CHOSEN.get(p.name)
-    extra = [f"{chosen}_b0.001", f"{chosen}_b0.1", f"{chosen}_s1", f"{chosen}_s2"] if chosen else []
-    return list(SWEEP.get(p.name, ())) + [x for x in extra if x not in SWEEP.get(p.name, ())]
+    extra = [chosen, f"{chosen}_b0.001", f"{chosen}_b0.1", "ft_s1", "ft_s2", f"{chosen}_s1", f"{chosen}_s2"] \
+        if chosen else []
+    return list(dict.fromkeys(list(SWEEP.get(p.name, ())) + extra))
 
 
 def parse_point(point: str) -> tuple:
@@ -762,7 +764,8 @@ def is_ready(s: Study, stage: str) -> bool:
     committed, so on a fresh checkout the run is trained again (same seed, same data) before it is evaluated."""
     if stage.startswith("train_") and not (s.run_dir(stage[len("train_"):]) / "adapter_model.safetensors").exists():
         return False
-    if stage.startswith("sweep_") and not (s.work / "sweep" / stage[len("sweep_"):] / "adapter_model.safetensors").exists():
+    point = stage[len("sweep_"):]
+    if stage.startswith("sweep_") and not (s.work / "sweep" / point / "adapter_model.safetensors").exists():
         return False
     if stage == "barrier_memorize" and not (s.work / "barrier" / "memorized" / "model.safetensors").exists():
         return False
@@ -1298,7 +1301,8 @@ def section_sweep(c: Collected, figs: Path) -> tuple:
              "-" if num[x]["sink_share"] is None else f"{100 * num[x]['sink_share']:.1f}%"]
             + [cell(x, k, dg) for k, _, dg in SWEEP_MEASURES] for x in points]
     text = ["## When does IB-FT act? The sensitivity sweep", "",
-            "Arms: `ft` plain FT; `norm` IB-FT with q_phi on the RMS-normalized hidden state; `nosink` q_phi on the raw "
+            "Arms: `ft` plain FT; `norm` IB-FT with q_phi on the RMS-normalized hidden state; `nosink` q_phi on the "
+            "raw "
             "hidden state (the paper) with the attention sink kept out; `authors` the authors' released code as it ran "
             "(raw input, sink kept, KL over rows padded to 2048, alpha 0.2, beta 0.01, lr 1e-4, warmup 0.1). Every "
             f"point has the preset's data, seed (unless `_s`) and FT's step budget. ib_share: median over the run of "
@@ -1312,7 +1316,9 @@ def section_sweep(c: Collected, figs: Path) -> tuple:
             f"{len(ft)} seeds" + (f" ({', '.join(f'{k} {lo:.4g}..{hi:.4g}' for k, (lo, hi) in rng.items())})"
                                   if rng else " (needs two FT seeds)") + ".", "",
             md_table(["point", "alpha", "beta", "seed", "ib_share", "rate", "sink share"] +
-                     [col for _, col, _ in SWEEP_MEASURES], rows)]
+                     [col for _, col, _ in SWEEP_MEASURES], rows), "",
+            f"Each point reruns with `python reproduce.py --preset {c.p.name} --stages sweep_<point>`; its train.py "
+            "flags are in `sweep_<point>/point.json`, its per-step diagnostics in `sweep_<point>/metrics.jsonl`."]
     plt = _plt()
     if plt:
         text += _sweep_figures(plt, c, figs, num, rng)
@@ -1367,7 +1373,8 @@ def section_barrier(c: Collected, figs: Path) -> tuple:
         for name, idx in groups.items():
             pairs = [(b["nll"], a["nll"]) for b, a in zip(before, after) if b["split"] == "train" and b["index"] in idx]
             out[name] = float(np.mean([b - a for b, a in pairs]))
-        out["held-out"] = float(np.mean([b["nll"] - a["nll"] for b, a in zip(before, after) if b["split"] == "heldout"]))
+        out["held-out"] = float(np.mean([b["nll"] - a["nll"] for b, a in zip(before, after)
+                                         if b["split"] == "heldout"]))
         return out
 
     runs = {}

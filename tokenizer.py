@@ -1,12 +1,15 @@
 """The tokenizer of a checkpoint folder and the chat templates of the model families in use (Sec. 5.1, Appendix C.1).
 
     tok = load_tokenizer(path)                       # tokenizer.json, tokenizer_config.json, generation_config.json
+                                                     # (and chat_template.jinja); family="alpaca" etc.: --template
     ids, trained = tok.encode_messages(messages)     # a conversation; the loss sees the assistant turns only
     prompt_ids, response_ids = tok.encode_example(instruction, response)    # one turn; ends with the turn's end
 
-Template families, detected from the checkpoint's chat template (a --template flag overrides it). Each renders a
-conversation as the checkpoint's own Jinja chat_template does (tests/test_templates.py checks the text against the
-real template strings in tests/fixtures/chat_templates.json):
+Template families, detected from the checkpoint's chat template: chat_template.jinja, else tokenizer_config.json's
+chat_template (transformers' order); a --template flag overrides it. A checkpoint with no template, or one of a family
+not listed here, is an error asking for --template (a base model: --template alpaca). Each renders a conversation as
+the checkpoint's own Jinja chat_template does (tests/test_templates.py checks the text against the real template
+strings in tests/fixtures/chat_templates.json):
     chatml          <|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n   SmolLM2, Qwen2/2.5(-Coder), Qwen3
     llama3          <|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>   Llama-3-Instruct
     mistral         [INST] ...[/INST]                                        Mistral-Instruct v0.3
@@ -18,7 +21,6 @@ real template strings in tests/fixtures/chat_templates.json):
 """
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -217,9 +219,10 @@ def check_messages(messages) -> list:
     return messages
 
 
-def _detect_family(chat_template: Optional[str]) -> str:
+def _detect_family(chat_template: Optional[str]) -> Optional[str]:
+    """The family whose rendering the template's text shows, or None (no template, or one of no family here)."""
     if not chat_template:
-        return "alpaca"
+        return None
     if "<|im_start|>" in chat_template:
         return "chatml"
     if "<|start_header_id|>" in chat_template:
@@ -234,9 +237,7 @@ def _detect_family(chat_template: Optional[str]) -> str:
         return "deepseek-coder"
     if "User: " in chat_template and "Assistant:" in chat_template:
         return "deepseek"
-    print("warning: unrecognized chat template; using the Alpaca-style prompt (pass --template to choose)",
-          file=sys.stderr)
-    return "alpaca"
+    return None
 
 
 def _default_system(chat_template: Optional[str]) -> str:
@@ -246,8 +247,38 @@ def _default_system(chat_template: Optional[str]) -> str:
     return m.group(1) if m else ""
 
 
+def _read_json(file: Path) -> dict:
+    """A JSON object file of the checkpoint folder ({} when it is absent); unreadable, a CheckpointError naming it."""
+    if not file.exists():
+        return {}
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:                # ValueError: invalid JSON or invalid UTF-8
+        raise CheckpointError(f"{file}: cannot be read as JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return obj
+
+
+def read_chat_template(path: Path, tcfg: dict) -> tuple:
+    """(template text, the file it came from): chat_template.jinja, else tokenizer_config.json's chat_template (the
+    order transformers reads them in); (None, None) when the folder has neither."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8"), jinja
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{jinja}: cannot be read ({e})") from None
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # some checkpoints store named templates
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return (template, path / "tokenizer_config.json") if isinstance(template, str) and template else (None, None)
+
+
 def load_tokenizer(path=None, family=None) -> Tokenizer:
-    """Tokenizer of a checkpoint folder (tokenizer.json + tokenizer_config.json + generation_config.json)."""
+    """Tokenizer of a checkpoint folder (tokenizer.json + tokenizer_config.json + generation_config.json, and
+    chat_template.jinja where there is one). `family` (--template) overrides the family the chat template shows."""
     from tokenizers import Tokenizer as HFTokenizer
     path = Path(path) if path is not None else default_model_path()
     tj = path / "tokenizer.json"
@@ -257,11 +288,9 @@ def load_tokenizer(path=None, family=None) -> Tokenizer:
         tok = HFTokenizer.from_file(str(tj))
     except Exception as e:
         raise CheckpointError(f"{tj}: cannot be read ({e})") from None
-    tcfg_file = path / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.exists() else {}
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-    gen_file = path / "generation_config.json"
-    gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    tcfg = _read_json(path / "tokenizer_config.json")
+    cfg = _read_json(path / "config.json")
+    gen = _read_json(path / "generation_config.json")
 
     def tok_id(spec, fallback_key):
         if isinstance(spec, dict):
@@ -287,10 +316,14 @@ def load_tokenizer(path=None, family=None) -> Tokenizer:
         adds_bos = bool(tcfg["add_bos_token"])
     else:
         adds_bos = bos is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos]
-    template = tcfg.get("chat_template")
-    if isinstance(template, list):  # some checkpoints store named templates
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    template, source = read_chat_template(path, tcfg)
     fam = family or _detect_family(template)
+    choose = f"pass --template (one of {', '.join(FAMILIES)}; alpaca for a base model)"
+    if fam is None and template is None:
+        raise CheckpointError(f"{path}: no chat template (no chat_template.jinja, no chat_template in "
+                              f"tokenizer_config.json); {choose}")
+    if fam is None:
+        raise CheckpointError(f"{source}: a chat template of no family this project renders; {choose}")
     if fam not in FAMILIES:
         raise ValueError(f"unknown template family '{fam}' (choose from {', '.join(FAMILIES)})")
     system = _default_system(template) if fam == "chatml" else ""

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import lora
-from cli import UsageError, add_model_flags, atomic_write, fail, read_records, write_json, write_text
+from cli import UsageError, add_model_flags, atomic_write, fail, python_command, read_records, write_json, write_text
 from bottleneck import SINK_RATIO, IBConfig, VariationalBottleneck, ib_penalty, ib_terms, ibft_loss, kl_count
 from default_model import default_model_path
 from model import linear_cross_entropy, load_model
@@ -349,6 +349,8 @@ def cosine_with_warmup(total_steps, warmup_ratio, hf=False):
 # ----------------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path, model, vib, opt, sched, scaler, step, base_path):
+    """checkpoint/, built in .checkpoint.tmp, its files synced to disk, then renamed in; the one before it stays as
+    .checkpoint.old, what --resume falls back on when checkpoint/ cannot be read."""
     tmp, final, old = run_dir / ".checkpoint.tmp", run_dir / "checkpoint", run_dir / ".checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -361,23 +363,53 @@ def save_checkpoint(run_dir: Path, model, vib, opt, sched, scaler, step, base_pa
              "rng_vib": vib.generator.get_state() if vib is not None else torch.zeros(0, dtype=torch.uint8),
              "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}}
     torch.save(state, tmp / "trainer_state.pt")
+    for f in tmp.iterdir():                  # on disk before the rename: a crash leaves no renamed, truncated file
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(run_dir: Path, model, vib, opt, sched, scaler):
-    ck = run_dir / "checkpoint"
-    if not ck.exists() and (run_dir / ".checkpoint.old").exists():       # killed between the two renames
-        ck = run_dir / ".checkpoint.old"
-    if not (ck / "trainer_state.pt").exists():
-        raise UsageError(f"--resume: no checkpoint in {run_dir}")
-    lora.load_lora_state_dict(model, load_file(str(ck / lora.ADAPTER_WEIGHTS)), str(ck / lora.ADAPTER_WEIGHTS))
+    """--resume from checkpoint/, or from .checkpoint.old (the one saved before it) where checkpoint/ is missing or a
+    file of it cannot be read (truncated, corrupt): a note on stderr names the file skipped and why. Every file is
+    read before anything is restored. Returns the step the checkpoint holds."""
+    names = [lora.ADAPTER_WEIGHTS, "trainer_state.pt"] + (["vib.safetensors"] if vib is not None else [])
+
+    def read(ck) -> tuple:
+        """({name: contents}, None) of a checkpoint folder, or (None, why) for its first missing or unreadable file."""
+        got = {}
+        for name in names:
+            f = ck / name
+            if not f.is_file():
+                return None, f"{f}: missing"
+            try:
+                got[name] = torch.load(f, weights_only=True) if name.endswith(".pt") else load_file(str(f))
+            except Exception as e:           # SafetensorError, or torch.load's RuntimeError / EOFError / pickle error
+                reason = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]
+                return None, f"{f}: cannot be read ({reason})"
+        return got, None
+
+    skipped = []
+    for ck in (run_dir / "checkpoint", run_dir / ".checkpoint.old"):
+        if ck.exists():                      # checkpoint/ absent: killed between save_checkpoint's two renames
+            got, why = read(ck)
+            if got is not None:
+                break
+            skipped.append(why)
+    else:
+        if not skipped:
+            raise UsageError(f"--resume: no checkpoint in {run_dir}")
+        raise UsageError(f"--resume: {'; '.join(skipped)}"
+                         + ("" if (run_dir / ".checkpoint.old").exists() else "; no .checkpoint.old to fall back on"))
+    if skipped:
+        print(f"note: --resume: skipped {skipped[0]}; resuming from {ck}", file=sys.stderr)
+    lora.load_lora_state_dict(model, got[lora.ADAPTER_WEIGHTS], str(ck / lora.ADAPTER_WEIGHTS))
     if vib is not None:
-        vib.load_state_dict(load_file(str(ck / "vib.safetensors")))
-    state = torch.load(ck / "trainer_state.pt", weights_only=True)
+        vib.load_state_dict(got["vib.safetensors"])
+    state = got["trainer_state.pt"]
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])
@@ -764,8 +796,9 @@ def finish(run: Run, first_loss, last_loss, elapsed: float, tokens_seen: float):
         *diagnostics_summary(run_dir / "metrics.jsonl"),
         f"  run dir   {run_dir}/",
         "  adapter   adapter_model.safetensors + adapter_config.json (PEFT format; inference uses base + LoRA only)",
-        f"  also      {'vib.safetensors, ' if vib is not None else ''}config.json, metrics.jsonl, checkpoint/",
-        f"  next      python evaluate.py --benchmark humaneval --generate --adapter {run_dir} "
+        f"  also      {'vib.safetensors, ' if vib is not None else ''}config.json, metrics.jsonl, checkpoint/"
+        + (" (.checkpoint.old/: the one before)" if (run_dir / ".checkpoint.old").exists() else ""),
+        f"  next      {python_command()} evaluate.py --benchmark humaneval --generate --adapter {run_dir} "
         f"--samples {run_dir}/humaneval_samples.jsonl --out {run_dir}/humaneval.json",
     ]))
 

@@ -104,6 +104,32 @@ def test_parquet_without_pyarrow_names_the_package(tmp_path, monkeypatch):
         cli.read_records(tmp_path / "d.parquet")
 
 
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
+    import gzip
+    good = json.dumps({"instruction": "i", "response": "r"}).encode()
+    bad = json.dumps({"instruction": "caf\u00e9", "response": "r"}, ensure_ascii=False).encode("latin-1")  # é: 0xe9
+    lines = b"\n".join([good, good, bad, good]) + b"\n"
+    files = {"d.jsonl": lines, "d.jsonl.gz": lines, "d.json": b"[" + b",\n".join([good, good, bad]) + b"]"}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+        with pytest.raises(cli.UsageError) as e:
+            cli.read_records(tmp_path / name)
+        at = text.index(b"\xe9")
+        assert str(e.value) == f"{tmp_path / name}:3: not valid UTF-8 (byte 0xe9 at offset {at})"
+    (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "d.jsonl.gz").read_bytes()[:20])
+    with pytest.raises(cli.UsageError, match="cut.jsonl.gz: cannot be read"):
+        cli.read_records(tmp_path / "cut.jsonl.gz")
+
+
+def test_a_line_separator_inside_a_string_stays_in_its_record(tmp_path):
+    """U+2028 is legal raw in a JSON string (cli.write_jsonl writes it so): it is not a line break of the file."""
+    rows = [{"instruction": "a\u2028b\x0cc", "response": "r"}, {"instruction": "i", "response": "r"}]
+    cli.write_jsonl(tmp_path / "d.jsonl", rows)
+    assert "\u2028" in (tmp_path / "d.jsonl").read_text(encoding="utf-8")
+    got, where = cli.read_records(tmp_path / "d.jsonl")
+    assert got == rows and where == [f"{tmp_path / 'd.jsonl'}:1", f"{tmp_path / 'd.jsonl'}:2"]
+
+
 FAMILIES = {"qwen2": {"model_type": "qwen2", "tie_word_embeddings": True},
             "qwen3": {"model_type": "qwen3", "head_dim": 32}}
 

