@@ -150,6 +150,9 @@ def write_jsonl(path, rows) -> None:
 MODEL_HELP = "HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct)"
 ADAPTER_HELP = "LoRA adapter folder from train.py (PEFT format: adapter_config.json + adapter_model.safetensors)"
 TEMPLATE_HELP = "prompt template family (default: detected from the checkpoint's chat template)"
+DTYPE_HELP = ("the model's weights and activations (the sampler's KV cache too): fp32 or bf16 (default: fp32 on the "
+              "CPU, bf16 on CUDA); bf16 only where it is native (a CPU with avx512_bf16 or amx_bf16, a CUDA GPU with "
+              "bf16), else refused; logits become probabilities in fp32 either way")
 
 
 def add_model_flags(parser, adapter: bool = True):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import sandbox
-from cli import UsageError, add_model_flags, fail, read_records, read_text, write_json
+from cli import DTYPE_HELP, UsageError, add_model_flags, fail, read_records, read_text, write_json
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -358,7 +358,8 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
           f"(model {model_path}{', adapter ' + str(args.adapter) if args.adapter else ''}, T={temperature}, "
           f"top-p {args.top_p}, n={args.n})", flush=True)
     tok = load_tokenizer(model_path, family=args.template)     # first: a checkpoint without a template stops here
-    net = M.load_model(model_path, device=args.device)
+    dtype = M.resolve_dtype(args.dtype, args.device)
+    net = M.load_model(model_path, dtype=dtype, device=args.device)
     if args.adapter:
         import lora                                              # imported only with --adapter
         net = lora.merge(lora.load_adapter(net, args.adapter), keep_base=False)   # W + s B A: no LoRA cost per step
@@ -533,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64, help="sequences per model batch")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", help="torch device for generation (default: model.load_model's choice)")
+    g.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help=DTYPE_HELP)
     return ap
 
 
@@ -549,8 +551,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if (args.model or args.adapter or args.template) and not args.generate:
-            raise UsageError("--model/--adapter/--template only apply with --generate")
+        if (args.model or args.adapter or args.template or args.dtype) and not args.generate:
+            raise UsageError("--model/--adapter/--template/--dtype only apply with --generate")
         if args.generate and args.n < max(args.k):
             raise UsageError(f"--n {args.n} is smaller than --k {max(args.k)}: pass@k needs k <= n")
         too_big = args.m_given and any(m > max(args.k) for m in args.m)       # a default m above K is left out
@@ -564,6 +566,9 @@ def main(argv=None) -> int:
             raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
         if args.adapter and not Path(args.adapter).is_dir():
             raise UsageError(f"--adapter {args.adapter}: no such folder")
+        if args.generate:                                       # bf16 where it is native only: refused at once
+            import model as M
+            M.resolve_dtype(args.dtype, args.device)
         every = load_problems(args.benchmark, args.data_dir)
         problems, all_ids = every[:args.limit], {p["task_id"] for p in every}
         box = sandbox.Sandbox(bwrap={"auto": None, "bwrap": True, "none": False}[args.sandbox])

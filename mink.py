@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 import data
-from cli import UsageError, add_model_flags, atomic_write, fail, read_records, write_jsonl
+from cli import DTYPE_HELP, UsageError, add_model_flags, atomic_write, fail, read_records, write_jsonl
 from default_model import default_model_path
-from model import load_model
+from model import load_model, resolve_dtype
 from tokenizer import load_tokenizer
 
 K_PERCENT = 20            # Fig. 3: Min-20% Prob
@@ -390,12 +390,13 @@ def _add_data_args(p, adapter: bool = True):
 
 
 def cmd_score(args):
+    dtype = resolve_dtype(args.dtype, args.device)          # bf16 where it is native only: refused before any work
     examples, where = read_records(args.data, "--data")
     if args.limit is not None:
         examples, where = examples[:args.limit], where[:args.limit]
     if not examples:
         raise ValueError(f"{args.data}: no examples")
-    model, tok = load_scored_model(args.model, args.adapter, args.template, args.device)
+    model, tok = load_scored_model(args.model, args.adapter, args.template, args.device, dtype)
     try:
         scores, counts = score_examples(model, tok, examples, args.k, args.score, args.text_field, args.prompt_field,
                                         args.response_field, args.batch_size, args.max_len, return_counts=True,
@@ -513,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--score", choices=SCORES, default="mink",
                        help="mink: Min-K%% Prob; minkpp: negated Min-K%%++ (both: lower = more memorized)")
     score.add_argument("--reference", action="store_true", help="mark the scores as the reference set p2 (e.g. TOFU)")
+    score.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help=DTYPE_HELP)
     _add_data_args(score)
 
     report = sub.add_parser("report", help="Fig. 3: p0/p1/p2 quantiles and overlaps")

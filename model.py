@@ -15,8 +15,9 @@ Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ..
 layout, so checkpoints load as they are. The model is built on the meta device and the weights are assigned tensor
 by tensor from the safetensors files, so loading never holds a second copy of the model.
 
-Public API: load_model, linear_cross_entropy (+ ModelArgs, Transformer). The tokenizer and prompt templates are in
-tokenizer.py, sampling in generate.py, the embedded default model in default_model.py.
+Public API: load_model, linear_cross_entropy, resolve_dtype (a --dtype flag) (+ ModelArgs, Transformer). The
+tokenizer and prompt templates are in tokenizer.py, sampling in generate.py, the embedded default model in
+default_model.py.
 """
 import json
 import math
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cli import CheckpointError
+from cli import CheckpointError, UsageError
 from default_model import default_model_path
 
 
@@ -516,8 +517,61 @@ def linear_cross_entropy(h, weight, targets, chunk=1024):
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+# bf16 weights pay off only where the hardware multiplies bf16 natively; elsewhere torch emulates bf16 matrix
+# products, many times slower than fp32. On x86 CPUs these /proc/cpuinfo flags say it is native (AVX512-BF16, AMX).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# The vector and matrix instruction sets a refusal lists as found (the ones that decide torch's CPU kernels).
+CPU_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                 "avx512_fp16", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "bf16")
+
+
+def cpu_flags(path="/proc/cpuinfo") -> set:
+    """The first processor's instruction-set flags in /proc/cpuinfo (x86 "flags", Arm "Features"); an empty set
+    where the file cannot be read (not Linux)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def resolve_dtype(name, device=None, flag="--dtype") -> torch.dtype:
+    """The weights' dtype for a `--dtype fp32|bf16` flag on `device` (default: default_device()); None keeps
+    load_model's default (fp32 on the CPU, bf16 on CUDA). bf16 is refused, as one line naming the flag, where it is
+    not native: a CUDA device without bf16 support, or a CPU whose /proc/cpuinfo lists neither avx512_bf16 nor
+    amx_bf16 (the line says which instruction sets it does list)."""
+    device = torch.device(device) if device else default_device()
+    if name is None:
+        return default_dtype(device)
+    if name == "fp32":
+        return torch.float32
+    if name != "bf16":
+        raise UsageError(f"{flag} {name}: expected fp32 or bf16")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UsageError(f"{flag} bf16: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has "
+                         f"no native bf16; use {flag} fp32")
+    if device.type == "cpu":
+        flags = cpu_flags()
+        if not flags & set(CPU_BF16_FLAGS):
+            found = " ".join(f for f in CPU_ISA_FLAGS if f in flags) or "no vector extension it knows"
+            seen = f"found: {found}" if flags else "no flags readable there"
+            raise UsageError(f"{flag} bf16: this CPU has no native bf16 (neither {' nor '.join(CPU_BF16_FLAGS)} in "
+                             f"/proc/cpuinfo; {seen}), so torch would emulate it, many times slower than fp32; "
+                             f"use {flag} fp32")
+    return torch.bfloat16
 
 
 def _weight_files(path: Path) -> list:
@@ -571,7 +625,7 @@ def checkpoint_eos_ids(path: Path, ids=()) -> list:
 def load_model(path=None, dtype=None, device=None) -> Transformer:
     """Load a Llama-family HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct) in eval mode."""
     path = Path(path) if path is not None else default_model_path()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else default_device()
     dtype = dtype or default_dtype(device)
     args = ModelArgs.from_config(read_config(path), where=str(path / "config.json"))
     args.path = str(path)

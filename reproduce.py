@@ -122,8 +122,8 @@ PRESETS = {
 }
 
 # Every run of the study: what train.py gets beyond the preset, and its label in the tables.
-LABELS = {"base": "base", "ft": "+ FT", "ibft": "+ IB-FT", "ibft_raw": "+ IB-FT (raw q_phi input)",
-          "grand": "+ FT w/ GRAND"}
+LABELS = {"base": "base", "ft": "+ FT", "ibft": "+ IB-FT (normalized input)",
+          "ibft_raw": "+ IB-FT (raw input, sink kept)", "grand": "+ FT w/ GRAND"}
 
 
 def runs(p: Preset) -> list:
@@ -1274,7 +1274,9 @@ def sweep_point_numbers(s: Study, base_scores: list, point: str) -> dict:
 
 def section_sweep(c: Collected, figs: Path) -> tuple:
     """The sensitivity sweep: every complete point's measures, FT's seed range, and which points leave it."""
-    points = [x for x in sweep_points(c.p) if f"sweep_{x}" in c.done]
+    arms = ("ft", "norm", "nosink", "authors")
+    points = sorted((x for x in sweep_points(c.p) if f"sweep_{x}" in c.done),
+                    key=lambda x: (arms.index(parse_point(x)[0]), *(v if v is not None else -1 for v in parse_point(x)[1:])))
     if not points or "base" not in c.scores:
         return None, {}
     base = c.scores["base"]
@@ -1319,6 +1321,19 @@ def section_sweep(c: Collected, figs: Path) -> tuple:
                      [col for _, col, _ in SWEEP_MEASURES], rows), "",
             f"Each point reruns with `python reproduce.py --preset {c.p.name} --stages sweep_<point>`; its train.py "
             "flags are in `sweep_<point>/point.json`, its per-step diagnostics in `sweep_<point>/metrics.jsonl`."]
+    chosen = SWEEP_CHOSEN.get(c.p.name)
+    pairs = [(x, sweep_ft(x)) for x in points if x.split("_s")[0] == chosen and sweep_ft(x) in num]
+    if pairs:
+        keys = [(k, col, dg) for k, col, dg in SWEEP_MEASURES if k != "distance"]
+        diffs = {x: {k: None if num[x][k] is None or num[f][k] is None else num[x][k] - num[f][k] for k, _, _ in keys}
+                 for x, f in pairs}
+        rows = [[f"`{x}` - `{f}`"] + ["-" if diffs[x][k] is None else f"{diffs[x][k]:+.{dg}f}" for k, _, dg in keys]
+                for x, f in pairs]
+        if len(pairs) > 1:
+            rows.append(["mean"] + [f"{np.mean([diffs[x][k] for x, _ in pairs]):+.{dg}f}"
+                                    if all(diffs[x][k] is not None for x, _ in pairs) else "-" for k, _, dg in keys])
+        text += ["", f"The chosen setting `{chosen}` against FT at the same seed (same LoRA init, data order and "
+                 "dropout draws):", "", md_table(["pair"] + [col for _, col, _ in keys], rows)]
     plt = _plt()
     if plt:
         text += _sweep_figures(plt, c, figs, num, rng)

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-len", type=int, default=2048, help="truncate examples to this many tokens")
+    p.add_argument("--group-by-length", action="store_true", help="micro-batches of similar lengths (less padding): "
+                   "each epoch's permutation is sorted by length in windows of 16 micro-batches, cut, and the "
+                   "micro-batches shuffled; every example still once per epoch")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=32)
@@ -201,13 +204,24 @@ def collate(examples, pad_id, device):
     return ids.to(device), attn.to(device), label.to(device), targets.to(device)
 
 
-def micro_batches(n, batch_size, world, epochs, seed):
+def micro_batches(n, batch_size, world, epochs, seed, lengths=None, window=16):
     """The whole run's sequence of global micro-batches (lists of example indices), epoch after epoch; each
-    epoch is a fresh seeded permutation. Rank r takes slice r of each global micro-batch."""
+    epoch is a fresh seeded permutation. Rank r takes slice r of each global micro-batch.
+    With lengths (--group-by-length: example i has lengths[i] tokens), each run of window x batch examples of the
+    permutation is sorted by length, longest first, before it is cut, so a micro-batch pads its rows to a similar
+    length; then the micro-batches are shuffled by the epoch's generator (a short last one stays last). An epoch
+    still visits every example once, in micro-batches of the same size."""
     out, g = [], batch_size * world
+    w = window * g
     for epoch in range(math.ceil(epochs)):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        gen = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(n, generator=gen).tolist()
+        if lengths is not None:                                     # stable: equal lengths keep the permutation's order
+            perm = [i for s in range(0, n, w) for i in sorted(perm[s:s + w], key=lambda i: -lengths[i])]
         batches = [perm[i:i + g] for i in range(0, n, g)]
+        if lengths is not None:
+            full = n // g                                           # the full micro-batches; a short one stays last
+            batches = [batches[i] for i in torch.randperm(full, generator=gen).tolist()] + batches[full:]
         batches = [b for b in batches if len(b) >= world]          # every process needs at least one example
         if epoch + 1 > epochs:                                      # a fractional last epoch
             batches = batches[:int(len(batches) * (epochs - epoch))]
@@ -435,7 +449,7 @@ def save_vib(vib, path: Path, hidden_size: int):
 
 RESUME_KEYS = ("method", "layer", "model", "data", "batch_size", "grad_accum", "global_batch_size", "lr", "epochs",
                "max_len", "seed", "lora_r", "lora_alpha", "lora_dropout", "alpha", "beta", "bottleneck_dim",
-               "kl_normalizer", "kl_pad_to", "hf_warmup", "prune", "keep", "ib_input", "ib_sink",
+               "kl_normalizer", "kl_pad_to", "hf_warmup", "prune", "keep", "ib_input", "ib_sink", "group_by_length",
                "ib_sink_ratio")
 
 
@@ -619,7 +633,8 @@ def setup(args) -> Run:
     lora_params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora_params}, {"params": list(vib.parameters()) if vib is not None else []}],
                             lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
-    plan = micro_batches(len(examples), args.batch_size, world, args.epochs, args.seed)
+    plan = micro_batches(len(examples), args.batch_size, world, args.epochs, args.seed,
+                         [len(ids) for ids, _ in examples] if args.group_by_length else None)
     total_steps = math.ceil(len(plan) / grad_accum)
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
