@@ -191,10 +191,24 @@ class Study:
     model_path: Path
     data_path: Path
     device: Optional[str] = None
+    template: Optional[str] = None      # --template: a chat template family for a checkpoint without its own
 
     @property
     def work(self) -> Path:
         return self.out / "work"
+
+    def model_flags(self, path: Optional[Path] = None) -> list:
+        """--model (the study's checkpoint, or `path`) and --template for train.py and evaluate.py."""
+        return ["--model", str(path or self.model_path)] + (["--template", self.template] if self.template else [])
+
+    def load(self, adapter: Optional[Path] = None, base: Optional[Path] = None) -> tuple:
+        """(model, tokenizer): the study's checkpoint (or `base`) with an adapter merged in, for scoring."""
+        import mink
+        return mink.load_scored_model(base or self.model_path, adapter, template=self.template, device=self.device)
+
+    def tokenizer(self, path: Optional[Path] = None):
+        from tokenizer import load_tokenizer
+        return load_tokenizer(path or self.model_path, family=self.template)
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
@@ -220,7 +234,6 @@ def tofu_path() -> Optional[Path]:
 
 def stage_split(s: Study, d: Path):
     import data
-    from tokenizer import load_tokenizer
     p = s.preset
     records, where = read_records(s.data_path, "--data")
     fmt = data.detect_format(records, s.data_path)
@@ -228,7 +241,7 @@ def stage_split(s: Study, d: Path):
         raise UsageError(f"{s.data_path}: the study needs one instruction and one response per record "
                          f"(Alpaca or instruction/response fields), not multi-turn messages")
     fields = (fmt.prompt, fmt.response)
-    tok = load_tokenizer(s.model_path)
+    tok = s.tokenizer()
     order = np.random.default_rng(p.seed).permutation(len(records)).tolist()     # a fixed, seeded subset
     chosen, lengths, pairs = [], {}, {}
     need = (p.n_train or len(records)) + p.n_heldout
@@ -285,7 +298,7 @@ def split_scores(s: Study, model, tok) -> list:
 
 def stage_score(s: Study, d: Path, run: str):
     import mink
-    model, tok = mink.load_scored_model(s.model_path, s.adapter(run), device=s.device)
+    model, tok = s.load(s.adapter(run))
     bs = mink.default_batch_size(model)
     out = split_scores(s, model, tok)
     write_jsonl(d / "scores.jsonl", out)
@@ -325,7 +338,7 @@ def stage_train(s: Study, d: Path, run: str):
         write_json(d / "kept.json", {"removed_fraction": int(run[4:]) / 100, "kept_indices": kept})
     run_dir = s.run_dir(run)
     flags = train_flags(s.preset, run, ft_steps(s)) + [
-        "--model", str(s.model_path), "--data", str(data), "--out", str(run_dir), "--save-every", "10"]
+        *s.model_flags(), "--data", str(data), "--out", str(run_dir), "--save-every", "10"]
     if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
         flags.append("--resume")
     train.train(train.parse_args(flags))
@@ -348,7 +361,7 @@ def evaluate_run(s: Study, d: Path, run: str, temperature: float, greedy: bool =
         tag = "greedy" if greedy else f"T{temperature:g}"
         samples, out = d / f"{bench}.{tag}.samples.jsonl", d / f"{bench}.{tag}.results.json"
         argv = ["--benchmark", bench, "--samples", str(samples), "--out", str(out), "--generate",
-                "--model", str(s.model_path), "--n", str(p.n), "--temperature", str(temperature),
+                *s.model_flags(), "--n", str(p.n), "--temperature", str(temperature),
                 "--top-p", str(p.top_p), "--max-new-tokens", str(p.max_new_tokens), "--batch-size", str(p.gen_batch),
                 "--seed", str(p.seed), "--k", *map(str, p.ks), "--m", *map(str, p.ms)]
         argv += ["--adapter", str(s.adapter(run))] if run != "base" else []
@@ -396,12 +409,11 @@ def pair_geometry(s: Study, model, tok, most, least, pairs) -> dict:
 
 
 def stage_geometry(s: Study, d: Path):
-    import mink
     p = s.preset
     most, least, pairs = geometry_groups(s)
     out = {"layer": p.layer, "groups": {"most": most, "least": least}, "pairs": p.pairs, "runs": {}}
     for run in ("base", "ft", "ibft"):
-        model, tok = mink.load_scored_model(s.model_path, s.adapter(run), device=s.device)
+        model, tok = s.load(s.adapter(run))
         out["runs"][run] = pair_geometry(s, model, tok, most, least, pairs)
         del model
     write_json(d / "geometry.json", out)
@@ -508,11 +520,10 @@ def sweep_eval_file(s: Study) -> Path:
 
 
 def stage_sweep(s: Study, d: Path, point: str):
-    import mink
     import train
     run_dir = s.work / "sweep" / point
     flags = sweep_flags(s.preset, point, ft_steps(s)) + [
-        "--model", str(s.model_path), "--data", str(s.split_file("train")), "--out", str(run_dir),
+        *s.model_flags(), "--data", str(s.split_file("train")), "--out", str(run_dir),
         "--save-every", "10", "--diag-every", "10", "--eval-data", str(sweep_eval_file(s)),
         "--eval-every", str(SWEEP_EVAL_EVERY)]
     if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
@@ -522,7 +533,7 @@ def stage_sweep(s: Study, d: Path, point: str):
     train_seconds = time.time() - t0
     for name in ("metrics.jsonl", "config.json"):
         write_text(d / name, (run_dir / name).read_text())
-    model, tok = mink.load_scored_model(s.model_path, run_dir, device=s.device)
+    model, tok = s.load(run_dir)
     write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
     most, least, pairs = geometry_groups(s)
     geo = pair_geometry(s, model, tok, most, least, pairs)
@@ -541,12 +552,11 @@ def stage_sweep(s: Study, d: Path, point: str):
 def stage_sweep_norms(s: Study, d: Path):
     """The median norm of Fig. 5's pooled layer-l* states for the base model and every trained sweep point: whether
     a change of the pairs' l2 distance is a change of scale (the angle is scale-free)."""
-    import mink
     most, least, pairs = geometry_groups(s)
     out = {}
     for point in ["base"] + [x for x in sweep_points(s.preset) if is_ready(s, f"sweep_{x}")]:
         adapter = None if point == "base" else s.work / "sweep" / point
-        model, tok = mink.load_scored_model(s.model_path, adapter, device=s.device)
+        model, tok = s.load(adapter)
         out[point] = float(np.median(pair_geometry(s, model, tok, most, least, pairs)["norm"]))
         del model
     write_json(d / "norms.json", out)
@@ -575,13 +585,11 @@ def group_gradient_shares(s: Study, model_path: Path, halves: tuple) -> dict:
     """The first step's CE gradient on a fresh LoRA (the preset's r, alpha, seed; no dropout), split by where its
     tokens come from: g = g_m + g_n, and each group's share <g_x, g> / |g|^2 (the two add up to 1), with the norms."""
     import torch
+    import data
     import lora
     import train
-    from model import load_model
-    from tokenizer import load_tokenizer
-    import data
-    from model import linear_cross_entropy
-    p, tok = s.preset, load_tokenizer(model_path)
+    from model import linear_cross_entropy, load_model
+    p, tok = s.preset, s.tokenizer(model_path)
     model = load_model(model_path, device=s.device)
     lora.inject_lora(model, r=p.lora_r, alpha=p.lora_alpha, dropout=0.0,
                      generator=torch.Generator().manual_seed(p.seed))
@@ -620,9 +628,8 @@ def stage_barrier_memorize(s: Study, d: Path):
         flags = set_flag(set_flag(train_flags(p, "ft", 0), "--epochs", epochs), "--lr", lr)
         if not (run_dir / "adapter_model.safetensors").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
-            train.train(train.parse_args(flags + ["--model", str(s.model_path), "--data", str(data),
-                                                  "--out", str(run_dir)]))
-        model, tok = mink.load_scored_model(s.model_path, run_dir, device=s.device)
+            train.train(train.parse_args(flags + [*s.model_flags(), "--data", str(data), "--out", str(run_dir)]))
+        model, tok = s.load(run_dir)
         scores = score_rows(model, tok, [records[i] for i in d_m], "instruction", "response",
                             mink.default_batch_size(model))
         median = float(np.median([r["mink"] for r in scores]))
@@ -634,7 +641,7 @@ def stage_barrier_memorize(s: Study, d: Path):
     merged = s.work / "barrier" / "memorized"
     shutil.rmtree(merged, ignore_errors=True)
     lora.merge_checkpoint(s.model_path, run_dir, merged)
-    model, tok = mink.load_scored_model(merged, device=s.device)
+    model, tok = s.load(base=merged)
     write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
     del model
     shares = {"base": group_gradient_shares(s, s.model_path, (d_m, d_n)),
@@ -650,18 +657,17 @@ def stage_barrier_memorize(s: Study, d: Path):
 
 
 def stage_barrier_train(s: Study, d: Path, point: str):
-    import mink
     import train
     merged, run_dir = s.work / "barrier" / "memorized", s.work / "barrier" / point
     flags = sweep_flags(s.preset, point, ft_steps(s)) + [
-        "--model", str(merged), "--data", str(s.split_file("train")), "--out", str(run_dir), "--save-every", "10",
+        *s.model_flags(merged), "--data", str(s.split_file("train")), "--out", str(run_dir), "--save-every", "10",
         "--diag-every", "10"]
     if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
         flags.append("--resume")
     train.train(train.parse_args(flags))
     for name in ("metrics.jsonl", "config.json"):
         write_text(d / name, (run_dir / name).read_text())
-    model, tok = mink.load_scored_model(merged, run_dir, device=s.device)
+    model, tok = s.load(run_dir, base=merged)
     write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
     write_json(d / "point.json", {"point": point, "train_flags": flags})
     m = read_jsonl(d / "metrics.jsonl")
@@ -696,9 +702,6 @@ def plan(p: Preset) -> list:
     for run in ("base", "ft", "ibft"):
         dep = () if run == "base" else (f"train_{run}",)
         stages.append(Stage(f"temps_{run}", lambda s, d, r=run: stage_temps(s, d, r), dep, "Fig. 6"))
-    if sweep_points(p):
-        stages.append(Stage("geometry_sweep", stage_sweep_norms, ("split", "score_base"),
-                            "sensitivity: the pooled states' norms (Fig. 5's scale)"))
     if p.name in BARRIER:
         stages.append(Stage("barrier_memorize", stage_barrier_memorize, ("split", "score_base"),
                             "memorization barrier: D_m memorized"))
@@ -710,6 +713,9 @@ def plan(p: Preset) -> list:
         deps = ("split", "score_base") + (() if point == sweep_ft(point) else (f"sweep_{sweep_ft(point)}",))
         stages.append(Stage(f"sweep_{point}", lambda s, d, x=point: stage_sweep(s, d, x), deps,
                             "sensitivity (when IB-FT acts)"))
+    if sweep_points(p):
+        stages.append(Stage("geometry_sweep", stage_sweep_norms, ("split", "score_base"),
+                            "sensitivity: the pooled states' norms (Fig. 5's scale)"))
     return stages
 
 
@@ -811,7 +817,8 @@ def resolve(args) -> Study:
     else:
         from default_model import default_model_path
         model_path = default_model_path()
-    return Study(preset=p, out=out, model_path=model_path, data_path=data.resolve(), device=args.device)
+    return Study(preset=p, out=out, model_path=model_path, data_path=data.resolve(), device=args.device,
+                 template=args.template)
 
 
 def check_preset_unchanged(s: Study):
@@ -1264,7 +1271,8 @@ def sweep_point_numbers(s: Study, base_scores: list, point: str) -> dict:
     return {"arm": arm, "alpha": None if arm == "ft" else cfg["alpha"], "beta": None if arm == "ft" else cfg["beta"],
             "seed": cfg["seed"], **split_drops(base_scores, scores), "spread": max(drops) - min(drops),
             "quintile_drops": drops, "l2_median": info["geometry"]["l2_median"],
-            "angle_median": info["geometry"]["angle_median"], "distance": info["adapter_distance_from_ft"],
+            "angle_median": info["geometry"]["angle_median"], "norm_median": info["geometry"].get("norm_median"),
+            "distance": info["adapter_distance_from_ft"],
             "ib_share": float(np.median(shares)) if shares else None,
             "ib_cos": float(np.median([r["ib_cos"] for r in m if "ib_cos" in r])) if shares else None,
             "rate_first": m[0].get("rate"), "rate": m[-1].get("rate"),
@@ -1282,8 +1290,8 @@ def section_sweep(c: Collected, figs: Path) -> tuple:
     base = c.scores["base"]
     num = {x: sweep_point_numbers(c.s, base, x) for x in points}
     norms = read_json(c.s.stage_dir("geometry_sweep") / "norms.json") if "geometry_sweep" in c.done else {}
-    for x in points:
-        num[x]["norm_median"] = norms.get(x)
+    for x in points:      # geometry_sweep's measurement, else the point's own (points run since it was recorded)
+        num[x]["norm_median"] = norms.get(x, num[x]["norm_median"])
     ft = [x for x in points if num[x]["arm"] == "ft"]
     rng = {k: (min(num[x][k] for x in ft), max(num[x][k] for x in ft)) for k, _, _ in SWEEP_MEASURES
            if len(ft) >= 2 and all(num[x][k] is not None for x in ft)}
@@ -1304,10 +1312,9 @@ def section_sweep(c: Collected, figs: Path) -> tuple:
             + [cell(x, k, dg) for k, _, dg in SWEEP_MEASURES] for x in points]
     text = ["## When does IB-FT act? The sensitivity sweep", "",
             "Arms: `ft` plain FT; `norm` IB-FT with q_phi on the RMS-normalized hidden state; `nosink` q_phi on the "
-            "raw "
-            "hidden state (the paper) with the attention sink kept out; `authors` the authors' released code as it ran "
+            "raw hidden state (the paper) with the attention sink kept out; `authors` the authors' released code as it ran "
             "(raw input, sink kept, KL over rows padded to 2048, alpha 0.2, beta 0.01, lr 1e-4, warmup 0.1). Every "
-            f"point has the preset's data, seed (unless `_s`) and FT's step budget. ib_share: median over the run of "
+            "point has the preset's data, seed (unless `_s`) and FT's step budget. ib_share: median over the run of "
             "|grad alpha*l_IB| / |grad CE| on the LoRA weights; rate: KL nats per bottlenecked token at the last step "
             "(summed over latent dims); sink share: median share of all tokens' KL on the sink. NLL drops are paired "
             "per example against the base model (nats/token); the gap is train drop - held-out drop; the quintile "
@@ -1463,6 +1470,8 @@ def parse_args(argv=None):
     ap.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the stage plan with estimated minutes, run nothing")
     ap.add_argument("--device", help="torch device (default: CUDA when available, else the CPU)")
+    ap.add_argument("--template", help="chat template family for a checkpoint that ships none (e.g. alpaca for a base "
+                    "model; see train.py --template)")
     return ap.parse_args(argv)
 
 

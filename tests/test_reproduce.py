@@ -176,3 +176,14 @@ def test_sweep_points_and_barrier(smoke):
         assert shares["share_m"] + shares["share_n"] == pytest.approx(1.0, abs=1e-5)
     text = (smoke / "RESULTS.md").read_text()
     assert "## When does IB-FT act?" in text and "## A controlled memorization barrier" in text
+
+
+def test_template_reaches_every_command(tmp_path):
+    """--template (a checkpoint without a chat template) goes to train.py and evaluate.py, and to scoring."""
+    s = R.resolve(R.parse_args(["--preset", "laptop", "--template", "alpaca", "--data", str(R.ROOT / "data" /
+                                                                                          "default_instruct.jsonl")]))
+    assert s.template == "alpaca"
+    assert s.model_flags() == ["--model", str(s.model_path), "--template", "alpaca"]
+    assert s.model_flags(tmp_path)[:2] == ["--model", str(tmp_path)]
+    plain = R.resolve(R.parse_args(["--preset", "laptop", "--data", str(R.ROOT / "data" / "default_instruct.jsonl")]))
+    assert plain.model_flags() == ["--model", str(plain.model_path)]
