@@ -1276,15 +1276,18 @@ def sweep_point_numbers(s: Study, base_scores: list, point: str) -> dict:
             "ib_share": float(np.median(shares)) if shares else None,
             "ib_cos": float(np.median([r["ib_cos"] for r in m if "ib_cos" in r])) if shares else None,
             "rate_first": m[0].get("rate"), "rate": m[-1].get("rate"),
-            "sink_share": float(np.median([r["sink_share"] for r in m])) if "sink_share" in m[0] else None,
+            "sink_share_first": m[0].get("sink_share"), "sink_share": m[-1].get("sink_share"),
             "eval_curve": [(r["step"], r["eval_nll"]) for r in m if "eval_nll" in r]}
 
 
 def section_sweep(c: Collected, figs: Path) -> tuple:
     """The sensitivity sweep: every complete point's measures, FT's seed range, and which points leave it."""
     arms = ("ft", "norm", "nosink", "authors")
-    points = sorted((x for x in sweep_points(c.p) if f"sweep_{x}" in c.done),
-                    key=lambda x: (arms.index(parse_point(x)[0]), *(v if v is not None else -1 for v in parse_point(x)[1:])))
+    def order(x):
+        arm, *rest = parse_point(x)
+        return (arms.index(arm), *(v if v is not None else -1 for v in rest))
+
+    points = sorted((x for x in sweep_points(c.p) if f"sweep_{x}" in c.done), key=order)
     if not points or "base" not in c.scores:
         return None, {}
     base = c.scores["base"]
@@ -1308,15 +1311,17 @@ def section_sweep(c: Collected, figs: Path) -> tuple:
 
     rows = [[f"`{x}`", opt(num[x]["alpha"], "g"), opt(num[x]["beta"], "g"), num[x]["seed"],
              opt(num[x]["ib_share"], ".3f"), opt(num[x]["rate"], ".2f"),
-             "-" if num[x]["sink_share"] is None else f"{100 * num[x]['sink_share']:.1f}%"]
+             "-" if num[x]["sink_share"] is None else
+             f"{100 * num[x]['sink_share_first']:.1f}% -> {100 * num[x]['sink_share']:.1f}%"]
             + [cell(x, k, dg) for k, _, dg in SWEEP_MEASURES] for x in points]
     text = ["## When does IB-FT act? The sensitivity sweep", "",
             "Arms: `ft` plain FT; `norm` IB-FT with q_phi on the RMS-normalized hidden state; `nosink` q_phi on the "
-            "raw hidden state (the paper) with the attention sink kept out; `authors` the authors' released code as it ran "
-            "(raw input, sink kept, KL over rows padded to 2048, alpha 0.2, beta 0.01, lr 1e-4, warmup 0.1). Every "
-            "point has the preset's data, seed (unless `_s`) and FT's step budget. ib_share: median over the run of "
-            "|grad alpha*l_IB| / |grad CE| on the LoRA weights; rate: KL nats per bottlenecked token at the last step "
-            "(summed over latent dims); sink share: median share of all tokens' KL on the sink. NLL drops are paired "
+            "raw hidden state (the paper) with the attention sink kept out; `authors` the authors' released code as "
+            "it ran (raw input, sink kept, KL over rows padded to 2048, alpha 0.2, beta 0.01, lr 1e-4, warmup 0.1). "
+            "Every point has the preset's data, seed (unless `_s`) and FT's step budget. ib_share: median over the run "
+            "of |grad alpha*l_IB| / |grad CE| on the LoRA weights; rate: KL nats per bottlenecked token at the last step "
+            "(summed over latent dims); sink share: the share of all tokens' KL on attention sinks at the first and "
+            "the last step (a sink that training shrank below the threshold is no longer one). NLL drops are paired "
             "per example against the base model (nats/token); the gap is train drop - held-out drop; the quintile "
             "spread is the mechanism table's; l2/angle medians are Fig. 5's; the distance is ||dW - dW_FT|| / "
             "||dW_FT|| from FT's adapter at the same seed; the pooled norm median is the median norm of the same "
