@@ -1404,14 +1404,23 @@ def section_barrier(c: Collected, figs: Path) -> tuple:
                                          if b["split"] == "heldout"]))
         return out
 
+    def means(rows):
+        out = {name: float(np.mean([r["nll"] for r in rows if r["split"] == "train" and r["index"] in idx]))
+               for name, idx in groups.items()}
+        out["held-out"] = float(np.mean([r["nll"] for r in rows if r["split"] == "heldout"]))
+        return out
+
+    levels = {"base model": means(c.scores["base"]), "memorized model (base + FT on D_m)": means(memorized)}
     runs = {}
     if "sweep_ft_s0" in c.done:
         runs["FT from the base model (sweep ft_s0)"] = drops(c.scores["base"],
                                                              read_jsonl(c.s.stage_dir("sweep_ft_s0") / "scores.jsonl"))
+        levels["base + FT (sweep ft_s0)"] = means(read_jsonl(c.s.stage_dir("sweep_ft_s0") / "scores.jsonl"))
     for point in ("ft_s0", SWEEP_CHOSEN.get(c.p.name)):
         if point and f"barrier_{point}" in c.done:
-            runs[f"{'FT' if point.startswith('ft') else f'IB-FT `{point}`'} from the memorized model"] = drops(
-                memorized, read_jsonl(c.s.stage_dir(f"barrier_{point}") / "scores.jsonl"))
+            name = f"{'FT' if point.startswith('ft') else f'IB-FT `{point}`'} from the memorized model"
+            after = read_jsonl(c.s.stage_dir(f"barrier_{point}") / "scores.jsonl")
+            runs[name], levels[f"memorized + {name.split(' from')[0]}"] = drops(memorized, after), means(after)
     sh = info["gradient_shares"]
     text = ["## A controlled memorization barrier", "",
             f"Rule: {info['rule']}. D_m and D_n are {len(info['d_m'])} and {len(info['d_n'])} training examples. "
@@ -1425,8 +1434,12 @@ def section_barrier(c: Collected, figs: Path) -> tuple:
                       for k, v in sh.items()]), "",
             "Mean response-NLL drop per example (nats/token), paired against the model each run started from:", "",
             md_table(["run", "D_m", "D_n", "held-out"],
-                     [[k] + [f"{v[g]:+.4f}" for g in ("D_m", "D_n", "held-out")] for k, v in runs.items()])]
-    return "\n".join(text), {"info": {k: v for k, v in info.items() if k not in ("d_m", "d_n")}, "drops": runs}
+                     [[k] + [f"{v[g]:+.4f}" for g in ("D_m", "D_n", "held-out")] for k, v in runs.items()]), "",
+            "Mean response NLL (nats/token) of each group on each model:", "",
+            md_table(["model", "D_m", "D_n", "held-out"],
+                     [[k] + [f"{v[g]:.4f}" for g in ("D_m", "D_n", "held-out")] for k, v in levels.items()])]
+    return "\n".join(text), {"info": {k: v for k, v in info.items() if k not in ("d_m", "d_n")}, "drops": runs,
+                              "levels": levels}
 
 
 def write_report(s: Study):
