@@ -436,11 +436,13 @@ def stage_geometry(s: Study, d: Path):
 # medians, and the adapter's relative distance from FT's at the same seed.
 SWEEP = {
     "laptop": ("ft_s0", "nosink_a0.03", "nosink_a0.1", "ft_s1", "ft_s2", "nosink_a0.01", "nosink_a0.3",
-               "nosink_a0.001", "norm_a100", "norm_a1000", "norm_a10", "norm_a1", "authors", "norm_a0.1"),
+               "nosink_a0.001", "norm_a100", "norm_a1000", "norm_a10", "norm_a1", "authors", "norm_a0.1",
+               "nosink_a0.01_s1", "nosink_a0.01_s2"),
     "smoke": ("ft_s0", "norm_a10", "authors"),
 }
 # The chosen setting (README, "When does IB-FT act?"): its beta neighbours and its other seeds run too.
-SWEEP_CHOSEN = {"laptop": "nosink_a0.01", "smoke": "nosink_a0.1"}
+SWEEP_CHOSEN = {"laptop": "norm_a10", "smoke": "nosink_a0.1"}
+BARRIER_POINTS = {"laptop": ("ft_s0", "nosink_a0.01")}     # beside the chosen setting
 SWEEP_EVAL_EVERY = 20
 SWEEP_EVAL_EXAMPLES = 40
 POINT = re.compile(r"(ft|norm|nosink|authors)(?:_a([0-9.e-]+))?(?:_b([0-9.e-]+))?(?:_s([0-9]+))?")
@@ -574,6 +576,13 @@ def stage_sweep_norms(s: Study, d: Path):
 BARRIER = {"laptop": ((4, 8, 16), 5e-4), "smoke": ((4, 8), 3e-2)}      # preset -> (rounds' epochs, lr)
 
 
+def barrier_points(p: Preset) -> list:
+    """The runs trained from the memorized model: FT and the chosen IB-FT (and any the preset adds)."""
+    if p.name not in BARRIER:
+        return []
+    return list(dict.fromkeys(BARRIER_POINTS.get(p.name, ("ft_s0",)) + (SWEEP_CHOSEN.get(p.name),)))
+
+
 def barrier_halves(s: Study) -> tuple:
     """(D_m, D_n): training-split indices, a seeded half each."""
     n = len(read_jsonl(s.split_file("train")))
@@ -705,7 +714,7 @@ def plan(p: Preset) -> list:
     if p.name in BARRIER:
         stages.append(Stage("barrier_memorize", stage_barrier_memorize, ("split", "score_base"),
                             "memorization barrier: D_m memorized"))
-    for point in ("ft_s0", SWEEP_CHOSEN.get(p.name)) if p.name in BARRIER else ():
+    for point in barrier_points(p):
         if point:
             stages.append(Stage(f"barrier_{point}", lambda s, d, x=point: stage_barrier_train(s, d, x),
                                 ("barrier_memorize",), "memorization barrier: D_m + D_n from the memorized model"))
@@ -1416,7 +1425,7 @@ def section_barrier(c: Collected, figs: Path) -> tuple:
         runs["FT from the base model (sweep ft_s0)"] = drops(c.scores["base"],
                                                              read_jsonl(c.s.stage_dir("sweep_ft_s0") / "scores.jsonl"))
         levels["base + FT (sweep ft_s0)"] = means(read_jsonl(c.s.stage_dir("sweep_ft_s0") / "scores.jsonl"))
-    for point in ("ft_s0", SWEEP_CHOSEN.get(c.p.name)):
+    for point in barrier_points(c.p):
         if point and f"barrier_{point}" in c.done:
             name = f"{'FT' if point.startswith('ft') else f'IB-FT `{point}`'} from the memorized model"
             after = read_jsonl(c.s.stage_dir(f"barrier_{point}") / "scores.jsonl")
