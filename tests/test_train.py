@@ -624,3 +624,15 @@ def test_the_sink_rule_marks_position_0_on_the_default_model():
         _, h = m.trunk(ids, attn, hidden_layer=20)
     mask = sink_mask(h, attn)
     assert mask[:, 0].all() and not mask[:, 1:].any()
+
+
+def test_ib_setting_defaults_and_the_papers_one_flag_away():
+    """The defaults come from IBConfig (the sweep's choice); --paper-ib gives the paper's raw input, sink kept and
+    alpha 0.1; an explicit flag still wins over either."""
+    args = T.parse_args([])
+    assert (args.ib_input, args.ib_sink, args.alpha) == ("norm" if IBConfig.input_norm else "raw",
+                                                         "exclude" if IBConfig.exclude_sink else "keep", IBConfig.alpha)
+    paper = T.parse_args(["--paper-ib"])
+    assert (paper.ib_input, paper.ib_sink, paper.alpha) == ("raw", "keep", 0.1)
+    mixed = T.parse_args(["--paper-ib", "--alpha", "0.3", "--ib-sink", "exclude"])
+    assert (mixed.ib_input, mixed.ib_sink, mixed.alpha) == ("raw", "exclude", 0.3)
