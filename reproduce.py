@@ -1366,11 +1366,12 @@ def section_sweep(c: Collected, figs: Path) -> tuple:
 
 
 def _sweep_figures(plt, c: Collected, figs: Path, num: dict, rng: dict) -> list:
-    """Held-out NLL drop and quintile spread against alpha per arm (FT's seed range shaded); held-out NLL over steps
+    """Held-out NLL and quintile spread against alpha per arm (FT's seed range shaded); held-out NLL over steps
     for FT and the chosen setting, its step 0 the base model's (score_base, the same examples)."""
     out = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in ((axes[0], "drop_heldout", "held-out NLL drop"), (axes[1], "spread", "quintile spread")):
+    for ax, key, title in ((axes[0], "heldout_nll", "held-out NLL (all response tokens)"),
+                           (axes[1], "spread", "quintile spread")):
         for arm in ("norm", "nosink", "authors"):
             pts = sorted((v["alpha"], v[key]) for x, v in num.items()
                          if v["arm"] == arm and v["seed"] == c.p.seed and v["beta"] == (0.01 if arm == "authors"
