@@ -155,10 +155,10 @@ DTYPE_HELP = ("the model's weights and activations (the sampler's KV cache too):
               "bf16), else refused; logits become probabilities in fp32 either way")
 
 
-def add_model_flags(parser, adapter: bool = True):
-    """--model, --template and (adapter=True) --adapter on an argparse parser or argument group."""
-    from tokenizer import FAMILIES                    # the template families are data of the tokenizer
+def add_model_flags(parser, families, adapter: bool = True):
+    """--model, --template (one of `families`, tokenizer.FAMILIES: the caller hands them, so that cli imports no
+    project module) and (adapter=True) --adapter on an argparse parser or argument group."""
     parser.add_argument("--model", default=None, help=MODEL_HELP)
     if adapter:
         parser.add_argument("--adapter", default=None, help=ADAPTER_HELP)
-    parser.add_argument("--template", default=None, choices=FAMILIES, help=TEMPLATE_HELP)
+    parser.add_argument("--template", default=None, choices=families, help=TEMPLATE_HELP)

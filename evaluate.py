@@ -30,6 +30,7 @@ import numpy as np
 
 import sandbox
 from cli import DTYPE_HELP, UsageError, add_model_flags, fail, read_records, read_text, write_json
+from tokenizer import FAMILIES
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -525,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true", help="one greedy sample per problem (temperature 0, n = 1), "
                    "reported as greedy@1, the paper's reading of Pass@1 (Fig. 2); sets --n 1 --temperature 0 --k 1 "
                    "and no --m")
-    add_model_flags(g)
+    add_model_flags(g, FAMILIES)
     g.add_argument("--n", type=int, default=10, help="samples per problem (Appendix C.2: n = 10)")
     g.add_argument("--temperature", type=float, nargs="+", default=[0.2],
                    help="sampling temperature(s); several run Fig. 6's study (paper: 0.2 0.6 1.0)")

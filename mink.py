@@ -46,7 +46,7 @@ import data
 from cli import DTYPE_HELP, UsageError, add_model_flags, atomic_write, fail, read_records, write_jsonl
 from default_model import default_model_path
 from model import load_model, resolve_dtype
-from tokenizer import load_tokenizer
+from tokenizer import FAMILIES, load_tokenizer
 
 K_PERCENT = 20            # Fig. 3: Min-20% Prob
 SCORES = ("mink", "minkpp")
@@ -377,7 +377,7 @@ def read_scores(path) -> tuple:
 
 
 def _add_data_args(p, adapter: bool = True):
-    add_model_flags(p, adapter=adapter)
+    add_model_flags(p, FAMILIES, adapter=adapter)
     p.add_argument("--text-field", default=None, help="score the whole text of this field, every token after the first")
     p.add_argument("--prompt-field", default=None,
                    help="score the response given this templated prompt field (default: the data format is "

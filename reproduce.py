@@ -325,8 +325,20 @@ def ft_steps(s: Study) -> int:
     return len(train.micro_batches(n, s.preset.batch_size, 1, s.preset.epochs, s.preset.seed))
 
 
-def stage_train(s: Study, d: Path, run: str):
+def run_training(d: Path, run_dir: Path, flags: list) -> float:
+    """train.train with these flags into run_dir, resumed from its last checkpoint where one is there; its
+    metrics.jsonl and config.json copied into the stage folder d. Returns the seconds it took."""
     import train
+    if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
+        flags = flags + ["--resume"]
+    t0 = time.time()
+    train.train(train.parse_args(flags))
+    for name in ("metrics.jsonl", "config.json"):
+        write_text(d / name, (run_dir / name).read_text())
+    return time.time() - t0
+
+
+def stage_train(s: Study, d: Path, run: str):
     data = s.split_file("train")
     if run.startswith("mink"):                          # drop the most memorized examples by p0 (Fig. 4)
         import mink
@@ -339,11 +351,7 @@ def stage_train(s: Study, d: Path, run: str):
     run_dir = s.run_dir(run)
     flags = train_flags(s.preset, run, ft_steps(s)) + [
         *s.model_flags(), "--data", str(data), "--out", str(run_dir), "--save-every", "10"]
-    if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
-        flags.append("--resume")
-    train.train(train.parse_args(flags))
-    for name in ("metrics.jsonl", "config.json"):
-        write_text(d / name, (run_dir / name).read_text())
+    run_training(d, run_dir, flags)
     m = read_jsonl(d / "metrics.jsonl")
     return f"{len(m)} steps, loss {m[0]['loss']:.4f} -> {m[-1]['loss']:.4f}"
 
@@ -522,19 +530,12 @@ def sweep_eval_file(s: Study) -> Path:
 
 
 def stage_sweep(s: Study, d: Path, point: str):
-    import train
     run_dir = s.work / "sweep" / point
     flags = sweep_flags(s.preset, point, ft_steps(s)) + [
         *s.model_flags(), "--data", str(s.split_file("train")), "--out", str(run_dir),
         "--save-every", "10", "--diag-every", "10", "--eval-data", str(sweep_eval_file(s)),
         "--eval-every", str(SWEEP_EVAL_EVERY)]
-    if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
-        flags.append("--resume")
-    t0 = time.time()
-    train.train(train.parse_args(flags))
-    train_seconds = time.time() - t0
-    for name in ("metrics.jsonl", "config.json"):
-        write_text(d / name, (run_dir / name).read_text())
+    train_seconds = run_training(d, run_dir, flags)
     model, tok = s.load(run_dir)
     write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
     most, least, pairs = geometry_groups(s)
@@ -666,16 +667,11 @@ def stage_barrier_memorize(s: Study, d: Path):
 
 
 def stage_barrier_train(s: Study, d: Path, point: str):
-    import train
     merged, run_dir = s.work / "barrier" / "memorized", s.work / "barrier" / point
     flags = sweep_flags(s.preset, point, ft_steps(s)) + [
         *s.model_flags(merged), "--data", str(s.split_file("train")), "--out", str(run_dir), "--save-every", "10",
         "--diag-every", "10"]
-    if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
-        flags.append("--resume")
-    train.train(train.parse_args(flags))
-    for name in ("metrics.jsonl", "config.json"):
-        write_text(d / name, (run_dir / name).read_text())
+    run_training(d, run_dir, flags)
     model, tok = s.load(run_dir, base=merged)
     write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
     write_json(d / "point.json", {"point": point, "train_flags": flags})

@@ -43,11 +43,12 @@ from safetensors.torch import load_file, save_file
 
 import data
 import lora
-from cli import UsageError, add_model_flags, atomic_write, fail, python_command, read_records, write_json, write_text
+from cli import (UsageError, add_model_flags, atomic_write, fail, python_command, read_records, write_json,
+                 write_text)
 from bottleneck import SINK_RATIO, IBConfig, VariationalBottleneck, ib_penalty, ib_terms, ibft_loss, kl_count
 from default_model import default_model_path
 from model import linear_cross_entropy, load_model
-from tokenizer import load_tokenizer
+from tokenizer import FAMILIES, load_tokenizer
 
 REPO = Path(__file__).resolve().parent
 PAPER_ALPHA = 0.1                       # Appendix C.1 (--paper-ib)
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LoRA fine-tuning: FT or IB-FT (information-bottleneck regularized).")
     p.add_argument("--method", default="ibft", help="ft (Eq. (1)) or ibft (Eq. (IB-FT))")
     p.add_argument("--layer", type=int, default=20, help="l*: bottleneck the output of this decoder block (1..L-1)")
-    add_model_flags(p, adapter=False)
+    add_model_flags(p, FAMILIES, adapter=False)
     p.add_argument("--data", default=None, help="JSONL or JSON instruction data (default: data/default_instruct.jsonl)")
     p.add_argument("--instruction-field", default=None, help="field of the instruction (default: the format is "
                    "detected: messages, Alpaca, instruction/response, Instruction/Response, instruction/output, ...)")

@@ -135,12 +135,25 @@ def bench_train_config(model, vib, batch, shape, device, checkpointing, peak_tfl
     n_label, n_real, n_rows = float(label.sum()), float(attn.sum()), float(ids.shape[0])
     n_kl = kl_count(cfg, n_real, n_rows) if cfg is not None else 1.0
 
+    def loss_fn():
+        ce_sum, kl_sum, ce_ib_sum, _ = objective(ids, attn, label, tgt)
+        return ibft_loss(ce_sum, kl_sum, ce_ib_sum, n_label, n_kl, cfg)[0]
+
+    c = model.config
+    flops = 6 * forward_weights(objective) + 12 * c.num_layers * c.hidden_size * ids.shape[1]
+    return {"impl": "ours", "method": "ibft" if vib is not None else "ft", "gradient_checkpointing": checkpointing,
+            **timed_steps(loss_fn, lambda: T.clip_gradients(params, 1.0), opt, ids.numel(), flops, shape, device,
+                          peak_tflops)}
+
+
+def timed_steps(loss_fn, clip, opt, tokens, flops, shape, device, peak_tflops) -> dict:
+    """The same optimizer step for both sides (bf16 autocast forward, backward, clipping, AdamW), timed: the median
+    of shape["steps"] after shape["warmup"], tokens/s, MFU, peak memory and the last loss."""
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            ce_sum, kl_sum, ce_ib_sum, _ = objective(ids, attn, label, tgt)
-            loss, *_ = ibft_loss(ce_sum, kl_sum, ce_ib_sum, n_label, n_kl, cfg)
+            loss = loss_fn()
         loss.backward()
-        T.clip_gradients(params, 1.0)
+        clip()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
@@ -148,11 +161,7 @@ def bench_train_config(model, vib, batch, shape, device, checkpointing, peak_tfl
     reset_memory(device)
     runs = [timed(step, device) for _ in range(shape["warmup"] + shape["steps"])]     # (loss, seconds)
     s = statistics.median(t for _, t in runs[shape["warmup"]:])
-    tokens = ids.numel()
-    c = model.config
-    flops = 6 * forward_weights(objective) + 12 * c.num_layers * c.hidden_size * ids.shape[1]
-    return {"impl": "ours", "method": "ibft" if vib is not None else "ft", "gradient_checkpointing": checkpointing,
-            "step_s": s, "tokens_per_s": tokens / s, "mfu": tokens / s * flops / (peak_tflops * 1e12),
+    return {"step_s": s, "tokens_per_s": tokens / s, "mfu": tokens / s * flops / (peak_tflops * 1e12),
             "flops_per_token": flops, "peak_memory_gib": peak_memory_gib(device), "loss": runs[-1][0]}
 
 
@@ -251,25 +260,14 @@ def hf_train_config(base, ids, shape, device, checkpointing, peak_tflops) -> dic
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     attn = torch.ones_like(ids)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = net(input_ids=ids, attention_mask=attn, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    reset_memory(device)
-    runs = [timed(step, device) for _ in range(shape["warmup"] + shape["steps"])]       # (loss, seconds)
-    s = statistics.median(t for _, t in runs[shape["warmup"]:])
     # N as ours counts it: the frozen linear weights, LoRA's A and B and the LM head (every 2-d weight but embeddings)
     n_fwd = sum(p.numel() for n, p in net.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
     c = shape["config"]
     flops = 6 * n_fwd + 12 * c["num_hidden_layers"] * c["hidden_size"] * ids.shape[1]
-    return {"impl": "transformers+peft", "method": "ft", "gradient_checkpointing": checkpointing, "step_s": s,
-            "tokens_per_s": ids.numel() / s, "mfu": ids.numel() / s * flops / (peak_tflops * 1e12),
-            "flops_per_token": flops, "peak_memory_gib": peak_memory_gib(device), "loss": runs[-1][0]}
+    return {"impl": "transformers+peft", "method": "ft", "gradient_checkpointing": checkpointing,
+            **timed_steps(lambda: net(input_ids=ids, attention_mask=attn, labels=ids).loss,
+                          lambda: torch.nn.utils.clip_grad_norm_(trainable, 1.0), opt, ids.numel(), flops, shape,
+                          device, peak_tflops)}
 
 
 def part_hf(shape, device, peak_tflops) -> dict:

@@ -18,7 +18,7 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import train as T  # noqa: E402
 from default_model import default_model_path  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from tokenizer import FAMILIES, load_tokenizer  # noqa: E402
 
 
 def computed_tokens(plan, lengths, world) -> int:
@@ -43,7 +43,7 @@ def padding(lengths, batch_size, world, epochs, seed) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    cli.add_model_flags(ap, adapter=False)
+    cli.add_model_flags(ap, FAMILIES, adapter=False)
     ap.add_argument("--data", default=str(T.DEFAULT_DATA), help="training data in any format train.py reads")
     ap.add_argument("--max-len", type=int, default=2048, help="cut examples to this many tokens (train.py's flag)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N records")
