@@ -157,13 +157,15 @@ def test_ibft_alpha_zero_is_bit_identical_to_ft(tmp_path, tiny_ckpt):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_ckpt, precision):
     """Also the GPU's mixed-precision path, run on the CPU: bf16 autocast, and fp16 with the gradient scaler, whose
-    state (scale, growth tracker) is checkpointed and restored. The half-precision runs use one thread: on a CPU with
-    AMX, two threads make torch's bf16/fp16 kernels differ from run to run (seen in 3 of 4 plain reruns here; with
-    one thread, 6 of 6 agreed), which no resume could match bit for bit."""
+    state (scale, growth tracker) is checkpointed and restored. Every run uses one thread and MKL's strict
+    reproducibility mode: with two threads, torch's CPU kernels can differ from run to run (bf16/fp16 on a CPU with
+    AMX: 3 of 4 plain reruns here; fp32 on one CI machine), which no resume could match bit for bit. Where the
+    resumed run differs, a second uninterrupted run tells a resume bug (it agrees with the first) from kernels that
+    are not deterministic on this CPU (it does not: skipped, with the size of the difference)."""
     data = write_data(tmp_path / "d.jsonl", n=16)
     common = ["--model", tiny_ckpt, "--data", data, "--max-steps", 30, "--lr", 1e-3, "--layer", 2,
               "--method", "ibft", "--save-every", 3, "--epochs", 20, "--precision", precision]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if precision != "fp32" else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
     run_train(*common, "--out", tmp_path / "full", env=env)
     state = torch.load(tmp_path / "full" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert bool(state["scaler"]) == (precision == "fp16")
@@ -180,11 +182,22 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_ckpt, precision):
     p.wait()
     assert not (out / "adapter_model.safetensors").exists(), "the run finished before it was killed"
     run_train(*common, "--out", out, "--resume", env=env)
-    a = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
-    b = load_file(str(out / "adapter_model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    va, vb = load_file(str(tmp_path / "full" / "vib.safetensors")), load_file(str(out / "vib.safetensors"))
-    assert all(torch.equal(va[k], vb[k]) for k in va)
+
+    def weights(run_dir):
+        return {**load_file(str(run_dir / "adapter_model.safetensors")), **load_file(str(run_dir / "vib.safetensors"))}
+
+    def max_diff(x, y):
+        return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
+
+    a, b = weights(tmp_path / "full"), weights(out)
+    if not all(torch.equal(a[k], b[k]) for k in a):
+        run_train(*common, "--out", tmp_path / "again", env=env)
+        c = weights(tmp_path / "again")
+        if not all(torch.equal(a[k], c[k]) for k in a):
+            pytest.skip(f"two uninterrupted {precision} runs differ on this CPU (max |diff| {max_diff(a, c):.2e}): "
+                        "its kernels are not deterministic, so no resume can be checked bit for bit here")
+        pytest.fail(f"the resumed run differs from the uninterrupted one (max |diff| {max_diff(a, b):.2e}), "
+                    "which a second uninterrupted run matches bit for bit")
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))                              # no step logged twice
 
