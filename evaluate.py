@@ -484,6 +484,8 @@ def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Pa
         "samples_per_problem": {"min": min(counts.values()), "max": max(counts.values())},
         "k": ks, "m": ms, "omitted": omitted, "notes": notes,
         "temperature": rows[0].get("temperature"), "timeout": timeout,
+        **({"generated_by": {"model": args.model or "the embedded default", "adapter": args.adapter,
+                             "dtype": args.dtype or "auto"}} if getattr(args, "generate", False) else {}),
         "isolation": box.describe("verilog" if benchmark.startswith("verilogeval") else "python"),
         "metrics": metrics, "intervals": intervals, "outcomes": outcomes,
         "samples": [{"task_id": r["task_id"], "outcome": res.outcome, "seconds": round(res.seconds, 4),

@@ -131,6 +131,8 @@ def runs(p: Preset) -> list:
 
 
 def label(run: str) -> str:
+    if run.startswith("sweep_"):
+        return f"+ IB-FT `{run[len('sweep_'):]}` (sweep)"
     return LABELS.get(run) or f"+ FT w/ Min-K% (-{run[4:]}%)"
 
 
@@ -360,7 +362,8 @@ def stage_train(s: Study, d: Path, run: str):
 # Stages: eval_<run> and temps_<run> (evaluate.py's functions; samples and per-sample results kept)
 # ----------------------------------------------------------------------------------------------------------------
 
-def evaluate_run(s: Study, d: Path, run: str, temperature: float, greedy: bool = False) -> list:
+def evaluate_run(s: Study, d: Path, adapter: Optional[Path], temperature: float, greedy: bool = False) -> list:
+    """One generate-and-score pass per benchmark of the study's model with `adapter` (None: the base model)."""
     import evaluate as E
     import sandbox
     p = s.preset
@@ -372,7 +375,7 @@ def evaluate_run(s: Study, d: Path, run: str, temperature: float, greedy: bool =
                 *s.model_flags(), "--n", str(p.n), "--temperature", str(temperature),
                 "--top-p", str(p.top_p), "--max-new-tokens", str(p.max_new_tokens), "--batch-size", str(p.gen_batch),
                 "--seed", str(p.seed), "--k", *map(str, p.ks), "--m", *map(str, p.ms)]
-        argv += ["--adapter", str(s.adapter(run))] if run != "base" else []
+        argv += ["--adapter", str(adapter)] if adapter is not None else []
         argv += ["--limit", str(p.problems)] if p.problems else []
         argv += ["--device", s.device] if s.device else []
         args = E.parse_args(argv + (["--greedy"] if greedy else []))
@@ -385,11 +388,14 @@ def evaluate_run(s: Study, d: Path, run: str, temperature: float, greedy: bool =
 
 
 def stage_eval(s: Study, d: Path, run: str):
-    return "; ".join(evaluate_run(s, d, run, 0.0, greedy=True) + evaluate_run(s, d, run, s.preset.temperature))
+    """Greedy@1 and n samples at the preset's temperature. `run`: a run of the study, or sweep_<point>."""
+    adapter = s.work / "sweep" / run[len("sweep_"):] if run.startswith("sweep_") else s.adapter(run)
+    return "; ".join(evaluate_run(s, d, adapter, 0.0, greedy=True) + evaluate_run(s, d, adapter, s.preset.temperature))
 
 
 def stage_temps(s: Study, d: Path, run: str):
-    return "; ".join(m for t in s.preset.temperatures if t != s.preset.temperature for m in evaluate_run(s, d, run, t))
+    return "; ".join(m for t in s.preset.temperatures if t != s.preset.temperature
+                     for m in evaluate_run(s, d, s.adapter(run), t))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,6 +457,10 @@ SWEEP = {
 # The chosen setting (README, "When does IB-FT act?"): its beta neighbours and its other seeds run too.
 SWEEP_CHOSEN = {"laptop": "nosink_a0.01", "smoke": "nosink_a0.1"}
 BARRIER_POINTS = {"laptop": ("ft_s0", "norm_a10")}         # beside the chosen setting
+# Scored on the benchmarks too (eval_sweep_<point>), beside the chosen setting: the second setting that differs from FT
+# materially (the paper's per-example picture, at a cost in held-out NLL). FT's evaluation is eval_ft (train_ft: the
+# same recipe as sweep_ft_s0).
+SWEEP_EVAL = {"laptop": ("norm_a10",)}
 SWEEP_EVAL_EVERY = 20
 SWEEP_EVAL_EXAMPLES = 40
 POINT = re.compile(r"(ft|norm|nosink|authors)(?:_a([0-9.e-]+))?(?:_b([0-9.e-]+))?(?:_s([0-9]+))?")
@@ -462,6 +472,11 @@ def sweep_points(p: Preset) -> list:
     extra = [chosen, f"{chosen}_b0.001", f"{chosen}_b0.1", "ft_s1", "ft_s2", f"{chosen}_s1", f"{chosen}_s2"] \
         if chosen else []
     return list(dict.fromkeys(list(SWEEP.get(p.name, ())) + extra))
+
+
+def sweep_eval_points(p: Preset) -> list:
+    """The sweep points evaluated on the benchmarks: the chosen setting and the preset's SWEEP_EVAL."""
+    return [x for x in dict.fromkeys((SWEEP_CHOSEN.get(p.name),) + SWEEP_EVAL.get(p.name, ())) if x]
 
 
 def parse_point(point: str) -> tuple:
@@ -718,6 +733,9 @@ def plan(p: Preset) -> list:
         deps = ("split", "score_base") + (() if point == sweep_ft(point) else (f"sweep_{sweep_ft(point)}",))
         stages.append(Stage(f"sweep_{point}", lambda s, d, x=point: stage_sweep(s, d, x), deps,
                             "sensitivity (when IB-FT acts)"))
+    for point in sweep_eval_points(p):
+        stages.append(Stage(f"eval_sweep_{point}", lambda s, d, x=point: stage_eval(s, d, f"sweep_{x}"),
+                            (f"sweep_{point}",), "sensitivity: HumanEval of a sweep point (Table 1's columns)"))
     if sweep_points(p):
         stages.append(Stage("geometry_sweep", stage_sweep_norms, ("split", "score_base"),
                             "sensitivity: the pooled states' norms (Fig. 5's scale)"))
@@ -1034,7 +1052,7 @@ def section_table1(c: Collected, figs: Path) -> tuple:
     text, numbers = [], {}
     for bench in c.p.benchmarks:
         rows, per = [], {}
-        for run in TABLE_RUNS:
+        for run in TABLE_RUNS + tuple(f"sweep_{x}" for x in sweep_eval_points(c.p)):
             greedy, sampled = c.results(run, bench, "greedy"), c.results(run, bench, T)
             if not (greedy or sampled):
                 continue
@@ -1053,7 +1071,7 @@ def section_table1(c: Collected, figs: Path) -> tuple:
                  md_table(["run"] + [k[0].upper() + k[1:] for k in cols], rows), ""]
         diffs = []
         for a, b in (("ibft", "ft"), ("ft", "base"), ("ibft", "base"), ("ibft_raw", "ibft"), ("mink20", "ft"),
-                     ("grand", "ft")):
+                     ("grand", "ft"), *((f"sweep_{x}", "ft") for x in sweep_eval_points(c.p))):
             if a in per and b in per:
                 cells = []
                 for k in cols:

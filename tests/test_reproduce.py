@@ -1,5 +1,6 @@
 """reproduce.py: the smoke preset runs every stage; outputs exist, parse and agree with each other; reruns resume."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -176,6 +177,12 @@ def test_sweep_points_and_barrier(smoke):
         assert shares["share_m"] + shares["share_n"] == pytest.approx(1.0, abs=1e-5)
     text = (smoke / "RESULTS.md").read_text()
     assert "## When does IB-FT act?" in text and "## A controlled memorization barrier" in text
+    chosen = R.SWEEP_CHOSEN["smoke"]                      # scored on the benchmark with its own adapter, paired vs FT
+    assert R.sweep_eval_points(p) == [chosen]
+    greedy = json.loads((smoke / f"eval_sweep_{chosen}" / "humaneval.greedy.results.json").read_text())
+    assert Path(greedy["generated_by"]["adapter"]) == smoke / "work" / "sweep" / chosen
+    numbers = json.loads((smoke / "report" / "report.json").read_text())["table1"]
+    assert f"humaneval/sweep_{chosen}" in numbers and f"humaneval/sweep_{chosen}-ft/greedy@1" in numbers
 
 
 def test_template_reaches_every_command(tmp_path):
