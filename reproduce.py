@@ -331,7 +331,7 @@ def run_training(d: Path, run_dir: Path, flags: list) -> float:
     """train.train with these flags into run_dir, resumed from its last checkpoint where one is there; its
     metrics.jsonl and config.json copied into the stage folder d. Returns the seconds it took."""
     import train
-    if (run_dir / "checkpoint" / "trainer_state.pt").exists() or (run_dir / ".checkpoint.old").exists():
+    if train.checkpoint_dirs(run_dir):                  # any checkpoint kept (train.py's --resume picks the newest)
         flags = flags + ["--resume"]
     t0 = time.time()
     train.train(train.parse_args(flags))
@@ -352,7 +352,7 @@ def stage_train(s: Study, d: Path, run: str):
         write_json(d / "kept.json", {"removed_fraction": int(run[4:]) / 100, "kept_indices": kept})
     run_dir = s.run_dir(run)
     flags = train_flags(s.preset, run, ft_steps(s)) + [
-        *s.model_flags(), "--data", str(data), "--out", str(run_dir), "--save-every", "10"]
+        *s.model_flags(), "--data", str(data), "--out", str(run_dir)]
     run_training(d, run_dir, flags)
     m = read_jsonl(d / "metrics.jsonl")
     return f"{len(m)} steps, loss {m[0]['loss']:.4f} -> {m[-1]['loss']:.4f}"
@@ -548,7 +548,7 @@ def stage_sweep(s: Study, d: Path, point: str):
     run_dir = s.work / "sweep" / point
     flags = sweep_flags(s.preset, point, ft_steps(s)) + [
         *s.model_flags(), "--data", str(s.split_file("train")), "--out", str(run_dir),
-        "--save-every", "10", "--diag-every", "10", "--eval-data", str(sweep_eval_file(s)),
+        "--diag-every", "10", "--eval-data", str(sweep_eval_file(s)),
         "--eval-every", str(SWEEP_EVAL_EVERY)]
     train_seconds = run_training(d, run_dir, flags)
     model, tok = s.load(run_dir)
@@ -684,8 +684,7 @@ def stage_barrier_memorize(s: Study, d: Path):
 def stage_barrier_train(s: Study, d: Path, point: str):
     merged, run_dir = s.work / "barrier" / "memorized", s.work / "barrier" / point
     flags = sweep_flags(s.preset, point, ft_steps(s)) + [
-        *s.model_flags(merged), "--data", str(s.split_file("train")), "--out", str(run_dir), "--save-every", "10",
-        "--diag-every", "10"]
+        *s.model_flags(merged), "--data", str(s.split_file("train")), "--out", str(run_dir), "--diag-every", "10"]
     run_training(d, run_dir, flags)
     model, tok = s.load(run_dir, base=merged)
     write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))

@@ -20,7 +20,8 @@ Token sums are divided by the token counts of the whole optimizer step (all micr
 gradient accumulation and DDP compute exactly the gradient of one big batch. That batch (the paper's "batch size of 4")
 is --batch-size x processes x --grad-accum; --global-batch-size G sets it directly.
 RUN_DIR (--out) gets: adapter_model.safetensors + adapter_config.json (PEFT format), vib.safetensors, config.json
-(the resolved run config), metrics.jsonl, and checkpoint/ (resumable with --resume).
+(the resolved run config), metrics.jsonl, and checkpoint/ (every --save-minutes and at each epoch's end; the newest
+--keep-checkpoints kept as checkpoint/, .checkpoint.old/, ...; resumable with --resume).
 """
 import argparse
 import contextlib
@@ -142,8 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler (the paper's setting: "
                         "'mixed float16 precision'); bf16/fp16 also run on the CPU (slowly: for tests)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-minutes", type=float, default=30,
+                   help="checkpoint when this many minutes have passed since the last one (rank 0's clock decides "
+                        "for every process); 0: no time rule. A checkpoint is also written at the end of every epoch "
+                        "and of the run")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N steps instead of by time (the epoch and final checkpoints stay); 0: the "
+                        "time rule, --save-minutes")
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="checkpoints kept, newest first: checkpoint/, .checkpoint.old/, .checkpoint.old2/, ... "
+                        "(--resume falls back to the newest readable one)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write each step's metrics as TensorBoard scalars into DIR (needs the tensorboard "
+                        "package)")
     p.add_argument("--prune", default="none", choices=["none", "mink", "grand"],
                    help="FT w/ Min-K%% or FT w/ GRAND (Table 1): train on a selected subset")
     p.add_argument("--keep", type=float, default=0.8, help="fraction kept by --prune (Table 1: 0.8)")
@@ -168,9 +181,20 @@ def parse_args(argv=None):
                          f"as padded to --kl-pad-to tokens, so it must be >= --max-len")
     if not 0 < args.keep <= 1:
         raise UsageError("--keep must be in (0, 1]")
-    for flag in ("diag_every", "eval_every"):
+    for flag in ("diag_every", "eval_every", "save_every"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
+    if not 0 <= args.save_minutes < math.inf:
+        raise UsageError(f"--save-minutes must be a number >= 0, got {args.save_minutes}")
+    if args.keep_checkpoints < 1:
+        raise UsageError("--keep-checkpoints must be >= 1")
+    if args.tensorboard is not None:
+        if Path(args.tensorboard).exists() and not Path(args.tensorboard).is_dir():
+            raise UsageError(f"--tensorboard {args.tensorboard}: exists and is not a folder")
+        try:                                       # optional: imported only when the flag is given
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
     if args.ib_sink_ratio <= 1:
         raise UsageError("--ib-sink-ratio must be > 1 (a sink is a token far above its row's median norm)")
     if args.eval_every and not args.eval_data:
@@ -363,34 +387,63 @@ def cosine_with_warmup(total_steps, warmup_ratio, hf=False):
 # Checkpoints: atomic folder swap; LoRA + VIB in safetensors, optimizer/RNG via torch.load(weights_only=True)
 # ----------------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(run_dir: Path, model, vib, opt, sched, scaler, step, base_path):
-    """checkpoint/, built in .checkpoint.tmp, its files synced to disk, then renamed in; the one before it stays as
-    .checkpoint.old, what --resume falls back on when checkpoint/ cannot be read."""
-    tmp, final, old = run_dir / ".checkpoint.tmp", run_dir / "checkpoint", run_dir / ".checkpoint.old"
+def checkpoint_slot(run_dir: Path, i: int) -> Path:
+    """The folder of the i-th newest kept checkpoint: checkpoint/, .checkpoint.old/, .checkpoint.old2/, ..."""
+    return run_dir / ("checkpoint" if i == 0 else ".checkpoint.old" if i == 1 else f".checkpoint.old{i}")
+
+
+def checkpoint_dirs(run_dir: Path) -> list:
+    """The checkpoint folders in run_dir, newest first (a gap, left by a killed rotation, is skipped)."""
+    found = {0: run_dir / "checkpoint"} if (run_dir / "checkpoint").is_dir() else {}
+    for d in run_dir.glob(".checkpoint.old*") if run_dir.is_dir() else ():
+        rest = d.name[len(".checkpoint.old"):]
+        i = 1 if rest == "" else int(rest) if rest.isdigit() else 0
+        if i >= 1 and d.name == checkpoint_slot(run_dir, i).name and d.is_dir():
+            found[i] = d
+    return [found[i] for i in sorted(found)]
+
+
+def write_checkpoint(run_dir: Path, fill, keep: int = 2):
+    """fill(folder) writes a checkpoint's files into .checkpoint.tmp; they are synced to disk, then the kept ones move
+    down a slot (oldest first: checkpoint/ -> .checkpoint.old -> .checkpoint.old2 ...), .checkpoint.tmp is renamed
+    to checkpoint/, and all but the newest `keep` are deleted. Killed at any point, run_dir holds every checkpoint it
+    held before, or the new one complete: no renamed, half-written folder."""
+    tmp = run_dir / ".checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    lora.save_adapter(model, tmp, base_path)
-    if vib is not None:
-        save_vib(vib, tmp / "vib.safetensors", model.hidden_size)
-    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "rng_cpu": torch.get_rng_state(),
-             "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8),
-             "rng_vib": vib.generator.get_state() if vib is not None else torch.zeros(0, dtype=torch.uint8),
-             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}}
-    torch.save(state, tmp / "trainer_state.pt")
+    fill(tmp)
     for f in tmp.iterdir():                  # on disk before the rename: a crash leaves no renamed, truncated file
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
+    for d in reversed(checkpoint_dirs(run_dir)):    # oldest first, each into the free slot after its own
+        i = 0 if d.name == "checkpoint" else int(d.name[len(".checkpoint.old"):] or 1)
+        d.rename(checkpoint_slot(run_dir, i + 1))
+    tmp.rename(checkpoint_slot(run_dir, 0))
+    for d in checkpoint_dirs(run_dir)[keep:]:
+        shutil.rmtree(d)
+
+
+def save_checkpoint(run_dir: Path, model, vib, opt, sched, scaler, step, base_path, keep: int = 2):
+    """checkpoint/ (write_checkpoint): the LoRA adapter, the bottleneck, and the optimizer, schedule, RNG and scaler
+    states; the `keep` - 1 before it stay as .checkpoint.old, .checkpoint.old2, ..., what --resume falls back on."""
+    def fill(tmp):
+        lora.save_adapter(model, tmp, base_path)
+        if vib is not None:
+            save_vib(vib, tmp / "vib.safetensors", model.hidden_size)
+        none = torch.zeros(0, dtype=torch.uint8)
+        state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else none,
+                 "rng_vib": vib.generator.get_state() if vib is not None else none,
+                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}}
+        torch.save(state, tmp / "trainer_state.pt")
+    write_checkpoint(run_dir, fill, keep)
 
 
 def load_checkpoint(run_dir: Path, model, vib, opt, sched, scaler):
-    """--resume from checkpoint/, or from .checkpoint.old (the one saved before it) where checkpoint/ is missing or a
-    file of it cannot be read (truncated, corrupt): a note on stderr names the file skipped and why. Every file is
-    read before anything is restored. Returns the step the checkpoint holds."""
+    """--resume from checkpoint/, or from the newest older one kept (.checkpoint.old, .checkpoint.old2, ...) that can
+    be read where checkpoint/ is missing or a file of it cannot be read (truncated, corrupt): a note on stderr names
+    each file skipped and why. Every file is read before anything is restored. Returns the step the checkpoint holds."""
     names = [lora.ADAPTER_WEIGHTS, "trainer_state.pt"] + (["vib.safetensors"] if vib is not None else [])
 
     def read(ck) -> tuple:
@@ -407,20 +460,19 @@ def load_checkpoint(run_dir: Path, model, vib, opt, sched, scaler):
                 return None, f"{f}: cannot be read ({reason})"
         return got, None
 
-    skipped = []
-    for ck in (run_dir / "checkpoint", run_dir / ".checkpoint.old"):
-        if ck.exists():                      # checkpoint/ absent: killed between save_checkpoint's two renames
-            got, why = read(ck)
-            if got is not None:
-                break
-            skipped.append(why)
+    skipped, kept = [], checkpoint_dirs(run_dir)    # checkpoint/ absent: killed between write_checkpoint's renames
+    for ck in kept:
+        got, why = read(ck)
+        if got is not None:
+            break
+        skipped.append(why)
     else:
         if not skipped:
             raise UsageError(f"--resume: no checkpoint in {run_dir}")
         raise UsageError(f"--resume: {'; '.join(skipped)}"
-                         + ("" if (run_dir / ".checkpoint.old").exists() else "; no .checkpoint.old to fall back on"))
+                         + ("" if kept[-1].name != "checkpoint" else "; no .checkpoint.old to fall back on"))
     if skipped:
-        print(f"note: --resume: skipped {skipped[0]}; resuming from {ck}", file=sys.stderr)
+        print(f"note: --resume: {'; '.join('skipped ' + s for s in skipped)}; resuming from {ck}", file=sys.stderr)
     lora.load_lora_state_dict(model, got[lora.ADAPTER_WEIGHTS], str(ck / lora.ADAPTER_WEIGHTS))
     if vib is not None:
         vib.load_state_dict(got["vib.safetensors"])
@@ -766,11 +818,19 @@ def heldout_nll(run: Run) -> float:
     return -float(torch.cat(values).double().mean())
 
 
-def log_step(run: Run, rec: dict, elapsed: float):
-    """Append the record to metrics.jsonl; print it every --log-every steps with an ETA."""
+TENSORBOARD_SCALARS = ("loss", "ce", "kl", "ce_ib", "lr", "grad_norm", "rate", "sink_share", "ib_share", "eval_nll")
+
+
+def log_step(run: Run, rec: dict, elapsed: float, tb=None):
+    """Append the record to metrics.jsonl (and its TENSORBOARD_SCALARS to tb, a SummaryWriter); print it every
+    --log-every steps with an ETA."""
     done, total = rec["step"], run.total_steps
     with open(run.run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({k: v for k, v in rec.items() if k != "real_tokens"}) + "\n")
+    if tb is not None:
+        for k in TENSORBOARD_SCALARS:
+            if k in rec:
+                tb.add_scalar(k, rec[k], done)
     if done % run.args.log_every == 0 or done == total:
         eta = elapsed / (done - run.start_step) * (total - done)
         ib_part = f" kl {rec['kl']:.4f} ce_ib {rec['ce_ib']:.3f}" if run.vib is not None else ""
@@ -801,7 +861,9 @@ def finish(run: Run, first_loss, last_loss, elapsed: float, tokens_seen: float):
     lora.save_adapter(run.model, run_dir, str(run.model_path))
     if vib is not None:
         save_vib(vib, run_dir / "vib.safetensors", run.model.hidden_size)
-    save_checkpoint(run_dir, run.model, vib, run.opt, run.sched, run.scaler, run.total_steps, str(run.model_path))
+    save_checkpoint(run_dir, run.model, vib, run.opt, run.sched, run.scaler, run.total_steps, str(run.model_path),
+                    args.keep_checkpoints)
+    older = [d.name + "/" for d in checkpoint_dirs(run_dir)[1:]]
     nan = float("nan")
     print("\n".join([
         "",
@@ -813,39 +875,80 @@ def finish(run: Run, first_loss, last_loss, elapsed: float, tokens_seen: float):
         f"  run dir   {run_dir}/",
         "  adapter   adapter_model.safetensors + adapter_config.json (PEFT format; inference uses base + LoRA only)",
         f"  also      {'vib.safetensors, ' if vib is not None else ''}config.json, metrics.jsonl, checkpoint/"
-        + (" (.checkpoint.old/: the one before)" if (run_dir / ".checkpoint.old").exists() else ""),
+        + (f" ({', '.join(older)}: the ones before)" if older else ""),
         f"  next      {python_command()} evaluate.py --benchmark humaneval --generate --adapter {run_dir} "
         f"--samples {run_dir}/humaneval_samples.jsonl --out {run_dir}/humaneval.json",
     ]))
 
 
+def epoch_end_steps(run: Run) -> set:
+    """The optimizer steps (1-based) during which an epoch's last micro-batch runs."""
+    per_epoch = len(micro_batches(len(run.examples), run.args.batch_size, run.world, 1, run.args.seed))
+    return {math.ceil(k / run.grad_accum) for k in range(per_epoch, len(run.plan) + 1, per_epoch)} if per_epoch \
+        else set()
+
+
+def save_due(run: Run, done: int, since_save: float, epoch_ends: set) -> bool:
+    """Whether to checkpoint after step `done` (finish() writes the last one): at an epoch's end; and every
+    --save-every steps, or, without it, once --save-minutes have passed since the last checkpoint. The clock is rank
+    0's, broadcast, so that every process takes the same decision (they meet at the barrier after the save)."""
+    args = run.args
+    if done >= run.total_steps:
+        return False
+    if done in epoch_ends:
+        return True
+    if args.save_every or not args.save_minutes:
+        return bool(args.save_every) and done % args.save_every == 0
+    due = since_save >= 60 * args.save_minutes
+    if run.world > 1:
+        flag = torch.tensor([float(due)], device=run.device)
+        dist.broadcast(flag, 0)
+        due = bool(flag.item())
+    return due
+
+
+def tensorboard_writer(run: Run):
+    """--tensorboard's SummaryWriter; a resumed run first drops the events of the steps after its checkpoint, which
+    run again (as metrics.jsonl is trimmed)."""
+    from torch.utils.tensorboard import SummaryWriter             # optional: parse_args checked it is installed
+    return SummaryWriter(run.args.tensorboard, purge_step=run.start_step + 1 if run.args.resume else None)
+
+
 def train(args):
-    """Set up, then optimizer steps (checkpointed every --save-every), then finish."""
+    """Set up, then optimizer steps (checkpointed by save_due), then finish."""
     run = setup(args)
+    tb = tensorboard_writer(run) if args.tensorboard and run.is_main else None
+    epoch_ends = epoch_end_steps(run)
     t0, tokens_seen = time.time(), 0
+    last_save = t0
     last_good = run.start_step if args.resume else None             # the newest checkpoint on disk
     first_loss = last_loss = None
-    for step in range(run.start_step, run.total_steps):
-        rec = optimizer_step(run, step, last_good)
-        if run.eval_rows is not None and run.is_main and (
-                step + 1 == run.total_steps or (args.eval_every and (step + 1) % args.eval_every == 0)):
-            te = time.time()
-            rec["eval_nll"] = heldout_nll(run)
-            rec["eval_seconds"] = round(time.time() - te, 2)
-        first_loss = rec["loss"] if first_loss is None else first_loss
-        last_loss, tokens_seen = rec["loss"], tokens_seen + rec["real_tokens"] / run.world
-        if run.is_main:
-            log_step(run, rec, time.time() - t0)
-        done = rec["step"]
-        if args.save_every and done % args.save_every == 0 and done < run.total_steps:
+    try:
+        for step in range(run.start_step, run.total_steps):
+            rec = optimizer_step(run, step, last_good)
+            if run.eval_rows is not None and run.is_main and (
+                    step + 1 == run.total_steps or (args.eval_every and (step + 1) % args.eval_every == 0)):
+                te = time.time()
+                rec["eval_nll"] = heldout_nll(run)
+                rec["eval_seconds"] = round(time.time() - te, 2)
+            first_loss = rec["loss"] if first_loss is None else first_loss
+            last_loss, tokens_seen = rec["loss"], tokens_seen + rec["real_tokens"] / run.world
             if run.is_main:
-                save_checkpoint(run.run_dir, run.model, run.vib, run.opt, run.sched, run.scaler, done,
-                                str(run.model_path))
-            last_good = done
-            if run.world > 1:
-                dist.barrier()
-    if run.is_main:
-        finish(run, first_loss, last_loss, time.time() - t0, tokens_seen)
+                log_step(run, rec, time.time() - t0, tb)
+            done = rec["step"]
+            if save_due(run, done, time.time() - last_save, epoch_ends):
+                if run.is_main:
+                    save_checkpoint(run.run_dir, run.model, run.vib, run.opt, run.sched, run.scaler, done,
+                                    str(run.model_path), args.keep_checkpoints)
+                last_good = done
+                if run.world > 1:
+                    dist.barrier()
+                last_save = time.time()
+        if run.is_main:
+            finish(run, first_loss, last_loss, time.time() - t0, tokens_seen)
+    finally:
+        if tb is not None:
+            tb.close()
     if run.world > 1:
         dist.destroy_process_group()
     return run.run_dir
