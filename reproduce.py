@@ -451,7 +451,7 @@ def stage_geometry(s: Study, d: Path):
 SWEEP = {
     "laptop": ("ft_s0", "nosink_a0.03", "nosink_a0.1", "ft_s1", "ft_s2", "nosink_a0.01", "nosink_a0.3",
                "nosink_a0.001", "norm_a100", "norm_a1000", "norm_a10", "norm_a1", "authors", "norm_a0.1",
-               "norm_a10_s1", "norm_a10_s2", "norm_a1_s1", "norm_a1_s2",
+               "norm_a10_s1", "norm_a10_s2", "norm_a1_s1", "norm_a1_s2", "norm_a2", "norm_a2_s1", "norm_a2_s2",
                # the first choice (raw input, sink out, alpha 0.01), its beta neighbours and seeds
                "nosink_a0.01_b0.001", "nosink_a0.01_b0.1", "nosink_a0.01_s1", "nosink_a0.01_s2"),
     "smoke": ("ft_s0", "norm_a10", "authors"),
