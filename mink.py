@@ -43,9 +43,10 @@ import numpy as np
 import torch
 
 import data
+from checkpoint import load_model
 from cli import DTYPE_HELP, UsageError, add_model_flags, atomic_write, fail, read_records, write_jsonl
 from default_model import default_model_path
-from model import load_model, resolve_dtype
+from model import resolve_dtype
 from tokenizer import FAMILIES, load_tokenizer
 
 K_PERCENT = 20            # Fig. 3: Min-20% Prob
@@ -357,7 +358,8 @@ def load_scored_model(model_path, adapter=None, template=None, device=None, dtyp
     model = load_model(path, dtype=dtype, device=device)
     if adapter:
         import lora                                                          # only needed with --adapter
-        lora.merge(lora.load_adapter(model, adapter), keep_base=False)
+        import peft_io
+        lora.merge(peft_io.load_adapter(model, adapter), keep_base=False)
     return model, load_tokenizer(path, family=template)
 
 

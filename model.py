@@ -1,10 +1,11 @@
-"""A Llama-family decoder, read straight from a Hugging Face checkpoint folder: the f_theta of Eq. (1).
+"""A Llama-family decoder, the f_theta of Eq. (1): the math only; checkpoint.py reads it from a checkpoint folder.
 
 This is the base model f_theta of the paper (Sec. 2, Eq. (1)); LoRA (lora.py) and the variational bottleneck
 (bottleneck.py, Alg. 1) attach to it. It covers the paper's base models (DeepSeek-Coder-7B-Instruct-v1.5,
 DeepSeek-Coder-7B-base-v1.5, CodeLlama-7B-Instruct, Meta-Llama-3-8B) and the embedded default, SmolLM2-135M-Instruct,
-and the families that differ from Llama by a switch (FAMILY_FLAGS, by config.json's model_type): Qwen2/2.5(-Coder)
-(q/k/v biases), Qwen3 (per-head q/k norms) and Mistral (sliding-window attention).
+and the families that differ from Llama by a switch (ModelArgs.qkv_bias / qk_norm / sliding_window, set from
+config.json's model_type by checkpoint.FAMILY_FLAGS): Qwen2/2.5(-Coder) (q/k/v biases), Qwen3 (per-head q/k norms)
+and Mistral (sliding-window attention).
 
     input_ids (B, T)
       -> embed_tokens                         h_0 (B, T, H)
@@ -12,14 +13,19 @@ and the families that differ from Llama by a switch (FAMILY_FLAGS, by config.jso
       -> RMSNorm -> lm_head                   logits (B, T, V)
 
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...) and RoPE uses HF's rotate-half
-layout, so checkpoints load as they are. The model is built on the meta device and the weights are assigned tensor
-by tensor from the safetensors files, so loading never holds a second copy of the model.
+layout, so checkpoints load as they are (checkpoint.load_model: built on the meta device, weights assigned tensor by
+tensor, never a second copy of the model).
 
-Public API: load_model, linear_cross_entropy, resolve_dtype (a --dtype flag) (+ ModelArgs, Transformer). The
-tokenizer and prompt templates are in tokenizer.py, sampling in generate.py, the embedded default model in
-default_model.py.
+Public API: ModelArgs, Transformer, linear_cross_entropy, resolve_dtype (a --dtype flag), default_device. Loading a
+checkpoint folder is checkpoint.py's, the tokenizer and prompt templates are in tokenizer.py, sampling in
+generate.py, the embedded default model in default_model.py.
+
+References:
+  - transformers' `src/transformers/models/llama/modeling_llama.py` (the layout, parameter names, rotate-half RoPE,
+    RMSNorm's order of casts) and `src/transformers/modeling_rope_utils.py` (linear / dynamic / llama3 scaling);
+    the Qwen2, Qwen3 and Mistral modeling files there for the family switches.
+  - Meta's llama `llama/model.py` (Transformer, Attention, FeedForward, the KV cache).
 """
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,22 +36,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cli import CheckpointError, UsageError
-from default_model import default_model_path
+from cli import UsageError
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config
+# Config: the shapes and switches the math reads (checkpoint.model_args fills them from config.json)
 # ----------------------------------------------------------------------------------------------------------------
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-# What distinguishes each supported family (config.json's model_type) from the Llama layout, as ModelArgs switches.
-FAMILY_FLAGS = {
-    "llama": {},                        # Llama 2/3, CodeLlama, DeepSeek-Coder v1.5, SmolLM2
-    "mistral": {},                      # the Llama layout; its sliding_window (a size or null) is read below
-    "qwen2": {"qkv_bias": True},        # Qwen2, Qwen2.5, Qwen2.5-Coder: biases on q/k/v, none on o
-    "qwen3": {"qk_norm": True},         # Qwen3: RMSNorm over head_dim on q and k, per head, before RoPE
-}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")   # the RoPE variants rope_inv_freq computes
 
 
 @dataclass
@@ -67,85 +65,6 @@ class ModelArgs:
     sliding_window: Optional[int] = None  # a key is visible to a query at most sliding_window - 1 positions back
     eos_token_ids: tuple = ()            # config.json's (+ generation_config.json's, load_model) EOS ids
     path: str = ""
-
-    @classmethod
-    def from_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
-        """Build from an HF config dict; both the `rope_theta`+`rope_scaling` and transformers 5's
-        `rope_parameters` layouts are read. Anything that would change the math and is not implemented is refused."""
-        def need(key):
-            if key not in cfg:
-                raise CheckpointError(f"{where}: missing key '{key}'")
-            return cfg[key]
-
-        model_type = need("model_type")
-        if model_type not in FAMILY_FLAGS:
-            raise CheckpointError(f"{where}: model_type '{model_type}' is not supported (supported: "
-                                  f"{', '.join(FAMILY_FLAGS)})")
-        for key in ("attention_bias", "mlp_bias"):
-            if cfg.get(key):
-                raise CheckpointError(f"{where}: {key}=true is not implemented (Llama without biases only)")
-        window = _sliding_window(cfg, model_type, where)
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise CheckpointError(f"{where}: hidden_act '{act}' is not implemented (silu only)")
-        if cfg.get("quantization_config"):
-            raise CheckpointError(f"{where}: quantized checkpoints are not supported")
-
-        # Two layouts: legacy (rope_theta + rope_scaling) and transformers 5 (rope_parameters holds both).
-        rp = cfg.get("rope_parameters")
-        if isinstance(rp, dict):
-            theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
-            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-        else:
-            theta = cfg.get("rope_theta", 10000.0)
-            scaling = dict(cfg.get("rope_scaling") or {})
-        rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-        scaling.pop("type", None)
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise CheckpointError(f"{where}: rope type '{rope_type}' is not implemented "
-                                  f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-        if rope_type != "default" and "factor" not in scaling:
-            raise CheckpointError(f"{where}: rope scaling '{rope_type}' needs a 'factor'")
-        if scaling.get("attention_factor") not in (None, 1, 1.0):
-            raise CheckpointError(f"{where}: rope attention_factor != 1 is not implemented")
-
-        n_heads = need("num_attention_heads")
-        hidden = need("hidden_size")
-        head_dim = cfg.get("head_dim") or hidden // n_heads
-        n_kv = cfg.get("num_key_value_heads") or n_heads
-        if n_heads % n_kv:
-            raise CheckpointError(f"{where}: num_attention_heads {n_heads} is not a multiple of "
-                                  f"num_key_value_heads {n_kv}")
-        return cls(
-            vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=need("num_hidden_layers"),
-            num_heads=n_heads, num_kv_heads=n_kv, head_dim=head_dim,
-            intermediate_size=need("intermediate_size"), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta), rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **scaling},
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), sliding_window=window,
-            eos_token_ids=tuple(_ids(cfg.get("eos_token_id"))), **FAMILY_FLAGS[model_type],
-        )
-
-
-def _ids(value) -> list:
-    """An id field of config.json / generation_config.json (an int, a list of ints or null) as a list."""
-    return [value] if isinstance(value, int) else [v for v in value or () if isinstance(v, int)]
-
-
-def _sliding_window(cfg: dict, model_type: str, where: str) -> Optional[int]:
-    """The attention window of every layer, or None for full attention. Mistral: `sliding_window` (a size, or null).
-    Qwen2/Qwen3 write a `sliding_window` size but use it only with `use_sliding_window: true` (then on some layers
-    only, which is not implemented); with false it is ignored, as transformers does. Llama has no window."""
-    size = cfg.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
-        if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
-            raise CheckpointError(f"{where}: use_sliding_window=true is not implemented (Qwen's per-layer window)")
-        return None
-    if size is None or size is False:
-        return None
-    if model_type != "mistral" or not isinstance(size, int) or size < 1:
-        raise CheckpointError(f"{where}: sliding_window={size} is not implemented for model_type '{model_type}'")
-    return size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -514,7 +433,7 @@ def linear_cross_entropy(h, weight, targets, chunk=1024):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading
+# Device and dtype: where the model runs, in which precision
 # ----------------------------------------------------------------------------------------------------------------
 
 def default_device() -> torch.device:
@@ -572,105 +491,3 @@ def resolve_dtype(name, device=None, flag="--dtype") -> torch.dtype:
                              f"/proc/cpuinfo; {seen}), so torch would emulate it, many times slower than fp32; "
                              f"use {flag} fp32")
     return torch.bfloat16
-
-
-def _weight_files(path: Path) -> list:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
-        for f in files:
-            if not (path / f).exists():
-                raise CheckpointError(f"{index}: shard '{f}' is missing from {path}")
-        return [path / f for f in files]
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                          f"(only safetensors checkpoints are read)")
-
-
-def open_safetensors(f: Path):
-    """safe_open of one weights file; a truncated or corrupt file is a CheckpointError naming it (lora.py too)."""
-    from safetensors import safe_open
-    try:
-        return safe_open(str(f), framework="pt", device="cpu")
-    except Exception as e:                        # SafetensorError (not an OSError): header too small, incomplete, ...
-        raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
-
-
-def read_config(path) -> dict:
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{cfg_file}: not found (is {path} a Hugging Face checkpoint folder?)")
-    try:
-        return json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-
-
-def checkpoint_eos_ids(path: Path, ids=()) -> list:
-    """ids + the EOS ids generation_config.json lists (Qwen2.5 instruct: <|im_end|> and <|endoftext|>), in order."""
-    gen_file = Path(path) / "generation_config.json"
-    try:
-        gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-    except ValueError as e:
-        raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
-    return list(dict.fromkeys([*ids, *_ids(gen.get("eos_token_id"))]))
-
-
-def load_model(path=None, dtype=None, device=None) -> Transformer:
-    """Load a Llama-family HF checkpoint folder (default: the embedded SmolLM2-135M-Instruct) in eval mode."""
-    path = Path(path) if path is not None else default_model_path()
-    device = torch.device(device) if device else default_device()
-    dtype = dtype or default_dtype(device)
-    args = ModelArgs.from_config(read_config(path), where=str(path / "config.json"))
-    args.path = str(path)
-    args.eos_token_ids = tuple(checkpoint_eos_ids(path, args.eos_token_ids))
-    with torch.device("meta"):
-        model = Transformer(args)
-    params = dict(model.named_parameters())
-    expected = set(params) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
-    seen = set()
-    for f in _weight_files(path):
-        with open_safetensors(f) as st:
-            names = list(st.keys())
-        for name in names:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue                                              # old checkpoints saved this buffer
-            if name == "lm_head.weight" and args.tie_word_embeddings:
-                continue
-            if name not in params:
-                raise CheckpointError(f"{f}: unexpected tensor '{name}' (not a Llama parameter)")
-            # One short-lived memory map per tensor: when the tensor is converted (bf16 file -> fp32 model) or
-            # moved to the GPU, its source pages are unmapped right away, so peak RSS stays near the model's size.
-            # Same dtype on the CPU: the tensor keeps pointing into the (copy-on-write) map, with no copy at all.
-            with open_safetensors(f) as st:
-                t = st.get_tensor(name)
-            want = tuple(params[name].shape)
-            if tuple(t.shape) != want:
-                raise CheckpointError(f"{f}: tensor '{name}' has shape {tuple(t.shape)}, config.json "
-                                      f"implies {want}")
-            _assign(model, name, t.to(device=device, dtype=dtype))
-            seen.add(name)
-            del t
-    missing = sorted(expected - seen)
-    if missing:
-        raise CheckpointError(f"{path}: missing tensors in the safetensors files: {', '.join(missing[:5])}"
-                              + (" ..." if len(missing) > 5 else ""))
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-def _assign(model, name, tensor):
-    *parents, leaf = name.split(".")
-    mod = model
-    for p in parents:
-        mod = getattr(mod, p)
-    setattr(mod, leaf, nn.Parameter(tensor, requires_grad=False))

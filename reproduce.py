@@ -22,7 +22,8 @@ Stages, each writing under results/<preset>/<stage>/ and skipped once its stage.
     eval_<run>     Table 1, Fig. 2: greedy@1 and n samples at T (Pass@k, Pass@k^(m)); generation resumes per problem
     geometry       Fig. 5: l2 distance and angle between the most and least memorized examples at --layer
     temps_<run>    Fig. 6: the other sampling temperatures
-    report         tables, figures and RESULTS.md from whatever stages are complete (always rerun)
+    report         tables, figures and RESULTS.md from whatever stages are complete (always rerun): report.py, which
+                   `python report.py results/<preset>` also runs on its own, from the folder and its plan.json
 
 Adapters, checkpoints and the materialized data subsets live in results/<preset>/work/ (not committed).
 """
@@ -45,7 +46,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from cli import UsageError, atomic_write, fail, read_records, write_json, write_jsonl, write_text
+import report
+from cli import UsageError, fail, read_records, write_json, write_jsonl, write_text
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -194,6 +196,7 @@ class Study:
     data_path: Path
     device: Optional[str] = None
     template: Optional[str] = None      # --template: a chat template family for a checkpoint without its own
+    devices: int = 1                    # --devices: training through torchrun, generation in shards over N devices
 
     @property
     def work(self) -> Path:
@@ -327,14 +330,27 @@ def ft_steps(s: Study) -> int:
     return len(train.micro_batches(n, s.preset.batch_size, 1, s.preset.epochs, s.preset.seed))
 
 
-def run_training(d: Path, run_dir: Path, flags: list) -> float:
+def run_training(d: Path, run_dir: Path, flags: list, devices: int = 1) -> float:
     """train.train with these flags into run_dir, resumed from its last checkpoint where one is there; its
-    metrics.jsonl and config.json copied into the stage folder d. Returns the seconds it took."""
+    metrics.jsonl and config.json copied into the stage folder d. Returns the seconds it took. devices > 1: train.py
+    under torchrun on that many processes (DDP), the global batch kept: --batch-size B becomes B / devices per
+    process with --global-batch-size B (main checks that devices divides B)."""
     import train
     if train.checkpoint_dirs(run_dir):                  # any checkpoint kept (train.py's --resume picks the newest)
         flags = flags + ["--resume"]
     t0 = time.time()
-    train.train(train.parse_args(flags))
+    if devices > 1:
+        b = flags.index("--batch-size") + 1
+        flags = flags[:b] + [str(int(flags[b]) // devices)] + flags[b + 1:] + ["--global-batch-size", flags[b]]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(devices),
+               str(ROOT / "train.py"), *flags]
+        print(f"torchrun, {devices} processes: {' '.join(shlex.quote(a) for a in cmd[3:])}", flush=True)
+        rc = subprocess.run(cmd, cwd=ROOT).returncode
+        if rc != 0:
+            raise UsageError(f"train.py under torchrun ({devices} processes) into {run_dir} exited with status {rc} "
+                             f"(its output is above)")
+    else:
+        train.train(train.parse_args(flags))
     for name in ("metrics.jsonl", "config.json"):
         write_text(d / name, (run_dir / name).read_text())
     return time.time() - t0
@@ -353,7 +369,7 @@ def stage_train(s: Study, d: Path, run: str):
     run_dir = s.run_dir(run)
     flags = train_flags(s.preset, run, ft_steps(s)) + [
         *s.model_flags(), "--data", str(data), "--out", str(run_dir)]
-    run_training(d, run_dir, flags)
+    run_training(d, run_dir, flags, s.devices)
     m = read_jsonl(d / "metrics.jsonl")
     return f"{len(m)} steps, loss {m[0]['loss']:.4f} -> {m[-1]['loss']:.4f}"
 
@@ -363,7 +379,10 @@ def stage_train(s: Study, d: Path, run: str):
 # ----------------------------------------------------------------------------------------------------------------
 
 def evaluate_run(s: Study, d: Path, adapter: Optional[Path], temperature: float, greedy: bool = False) -> list:
-    """One generate-and-score pass per benchmark of the study's model with `adapter` (None: the base model)."""
+    """One generate-and-score pass per benchmark of the study's model with `adapter` (None: the base model). With
+    --devices N > 1, N `evaluate.py --generate --shard i/N` processes (GPU i - 1 each on CUDA) write shard files
+    into the stage's shards/, merged into the same samples file (in the benchmark's order of problems; the shard
+    files then removed) and scored here. A complete samples file is only scored, however it was made."""
     import evaluate as E
     import sandbox
     p = s.preset
@@ -371,17 +390,43 @@ def evaluate_run(s: Study, d: Path, adapter: Optional[Path], temperature: float,
     for bench in p.benchmarks:
         tag = "greedy" if greedy else f"T{temperature:g}"
         samples, out = d / f"{bench}.{tag}.samples.jsonl", d / f"{bench}.{tag}.results.json"
-        argv = ["--benchmark", bench, "--samples", str(samples), "--out", str(out), "--generate",
-                *s.model_flags(), "--n", str(p.n), "--temperature", str(temperature),
-                "--top-p", str(p.top_p), "--max-new-tokens", str(p.max_new_tokens), "--batch-size", str(p.gen_batch),
-                "--seed", str(p.seed), "--k", *map(str, p.ks), "--m", *map(str, p.ms)]
-        argv += ["--adapter", str(adapter)] if adapter is not None else []
-        argv += ["--limit", str(p.problems)] if p.problems else []
-        argv += ["--device", s.device] if s.device else []
-        args = E.parse_args(argv + (["--greedy"] if greedy else []))
+        flags = ["--benchmark", bench, "--generate", *s.model_flags(), "--n", str(p.n), "--temperature",
+                 str(temperature), "--top-p", str(p.top_p), "--max-new-tokens", str(p.max_new_tokens),
+                 "--batch-size", str(p.gen_batch), "--seed", str(p.seed), "--k", *map(str, p.ks),
+                 "--m", *map(str, p.ms)]
+        flags += ["--adapter", str(adapter)] if adapter is not None else []
+        flags += ["--limit", str(p.problems)] if p.problems else []
+        flags += ["--greedy"] if greedy else []
+        argv = ["--samples", str(samples), "--out", str(out), *flags] + (["--device", s.device] if s.device else [])
+        args = E.parse_args(argv)
         every = E.load_problems(bench)
         problems, ids = every[:p.problems], {q["task_id"] for q in every}
-        E.generate_samples(args, bench, problems, samples, args.temperature[0], ids)
+        n = min(s.devices, len(problems))
+        E._repair_tail(samples)                             # a line cut off by a kill: dropped, as on resume
+        have = [r["task_id"] for r in E.read_samples(samples, ids, problems)[0]] if samples.is_file() else []
+        if n > 1 and any(have.count(q["task_id"]) < args.n for q in problems):
+            import torch
+            gpu = (s.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+            base = d / "shards" / samples.name              # inside the stage: --force clears it too
+            env = dict(os.environ)
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))    # the cores, shared
+            procs = [subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "--samples", str(base), *flags,
+                                       "--shard", f"{i}/{n}", *(["--device", f"cuda:{i - 1}"] if gpu else
+                                                               ["--device", s.device] if s.device else [])],
+                                      cwd=ROOT, env=env) for i in range(1, n + 1)]
+            failed = [(i, rc) for i, rc in enumerate([q.wait() for q in procs], 1) if rc]
+            if failed:
+                raise UsageError(f"evaluate.py --shard {failed[0][0]}/{n} ({bench} {tag}) exited with status "
+                                 f"{failed[0][1]} (its output is above)")
+            files = [E.shard_path(base, i, n) for i in range(1, n + 1)]
+            rows, _ = E.read_shards(files, ids, problems)
+            write_text(samples, "".join(json.dumps(r) + "\n" for r in rows))   # evaluate.py's own lines
+            for f in files:                                 # merged: only the stage's usual files stay
+                f.unlink()
+            if not any(base.parent.iterdir()):
+                base.parent.rmdir()
+        else:
+            E.generate_samples(args, bench, problems, samples, args.temperature[0], ids)
         rep = E.score(args, bench, problems, samples, out, sandbox.Sandbox(), ids)
         msgs.append(f"{bench} {tag}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in rep["metrics"].items()))
     return msgs
@@ -527,8 +572,8 @@ def sweep_ft(point: str) -> str:
 def lora_deltas(run_dir: Path) -> dict:
     """Module name -> B @ A of a PEFT adapter file (the scaling, the same for every run of a study, left out)."""
     from safetensors.torch import load_file
-    import lora
-    w = load_file(str(run_dir / lora.ADAPTER_WEIGHTS))
+    import peft_io
+    w = load_file(str(run_dir / peft_io.ADAPTER_WEIGHTS))
     return {k[:-len(".lora_A.weight")]: w[k[:-len("A.weight")] + "B.weight"].double() @ w[k].double()
             for k in w if k.endswith(".lora_A.weight")}
 
@@ -554,7 +599,7 @@ def stage_sweep(s: Study, d: Path, point: str):
         *s.model_flags(), "--data", str(s.split_file("train")), "--out", str(run_dir),
         "--diag-every", "10", "--eval-data", str(sweep_eval_file(s)),
         "--eval-every", str(SWEEP_EVAL_EVERY)]
-    train_seconds = run_training(d, run_dir, flags)
+    train_seconds = run_training(d, run_dir, flags, s.devices)
     model, tok = s.load(run_dir)
     write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
     most, least, pairs = geometry_groups(s)
@@ -617,7 +662,8 @@ def group_gradient_shares(s: Study, model_path: Path, halves: tuple) -> dict:
     import data
     import lora
     import train
-    from model import linear_cross_entropy, load_model
+    from checkpoint import load_model
+    from model import linear_cross_entropy
     p, tok = s.preset, s.tokenizer(model_path)
     model = load_model(model_path, device=s.device)
     lora.inject_lora(model, r=p.lora_r, alpha=p.lora_alpha, dropout=0.0,
@@ -643,7 +689,7 @@ def group_gradient_shares(s: Study, model_path: Path, halves: tuple) -> dict:
 def stage_barrier_memorize(s: Study, d: Path):
     import mink
     import train
-    import lora
+    import peft_io
     p = s.preset
     d_m, d_n = barrier_halves(s)
     records = read_jsonl(s.split_file("train"))
@@ -669,7 +715,7 @@ def stage_barrier_memorize(s: Study, d: Path):
         raise UsageError(f"D_m's median Min-20% Prob stayed above {threshold:.3f} after {schedule[-1]} epochs")
     merged = s.work / "barrier" / "memorized"
     shutil.rmtree(merged, ignore_errors=True)
-    lora.merge_checkpoint(s.model_path, run_dir, merged)
+    peft_io.merge_checkpoint(s.model_path, run_dir, merged)
     model, tok = s.load(base=merged)
     write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
     del model
@@ -689,7 +735,7 @@ def stage_barrier_train(s: Study, d: Path, point: str):
     merged, run_dir = s.work / "barrier" / "memorized", s.work / "barrier" / point
     flags = sweep_flags(s.preset, point, ft_steps(s)) + [
         *s.model_flags(merged), "--data", str(s.split_file("train")), "--out", str(run_dir), "--diag-every", "10"]
-    run_training(d, run_dir, flags)
+    run_training(d, run_dir, flags, s.devices)
     model, tok = s.load(run_dir, base=merged)
     write_jsonl(d / "scores.jsonl", split_scores(s, model, tok))
     write_json(d / "point.json", {"point": point, "train_flags": flags})
@@ -745,8 +791,10 @@ def plan(p: Preset) -> list:
     return stages
 
 
-def estimate_minutes(s: Study, stage: str) -> float:
-    """Rough cost from the preset's rates and the data's token counts (split.json, or a guess before it exists)."""
+def estimate_minutes(s: Study, stage: str, devices: int = 1) -> float:
+    """Rough cost from the preset's rates and the data's token counts (split.json, or a guess before it exists).
+    devices > 1 (--devices): train_<run> (DDP), eval_<run> and temps_<run> (shards) take 1/devices of it, as if
+    they scaled perfectly; the other stages run in one process."""
     p, r = s.preset, s.preset.rates
     split = s.stage_dir("split") / "split.json"
     if split.exists():
@@ -765,11 +813,11 @@ def estimate_minutes(s: Study, stage: str) -> float:
         return (train_tok + held_tok + extra) / r["score"] / 60
     if kind == "train":
         grand = 1.5 * p.grand_seeds * train_tok / r["train"] if run == "grand" else 0
-        return (p.epochs * train_tok / r["train"] * (1.1 if run.startswith("ibft") else 1.0) + grand) / 60
+        return (p.epochs * train_tok / r["train"] * (1.1 if run.startswith("ibft") else 1.0) + grand) / 60 / devices
     if kind == "eval":
-        return n_prob * (p.n + 1) * r["tokens_per_sample"] / r["generate"] / 60
+        return n_prob * (p.n + 1) * r["tokens_per_sample"] / r["generate"] / 60 / devices
     if kind == "temps":
-        return n_prob * p.n * (len(p.temperatures) - 1) * r["tokens_per_sample"] / r["generate"] / 60
+        return n_prob * p.n * (len(p.temperatures) - 1) * r["tokens_per_sample"] / r["generate"] / 60 / devices
     if kind == "geometry":
         return 3 * 0.4 * train_tok / r["score"] / 60
     if kind == "barrier":     # memorize: about 8 epochs over half the split; then one training and scoring
@@ -835,6 +883,7 @@ def resolve(args) -> Study:
     if p.name == "smoke":
         model_path = out / "work" / "tiny-model"
         if not args.dry_run:
+            from checkpoint import make_tiny_checkpoint
             make_tiny_checkpoint(model_path)
     elif args.model or p.model:
         model_path = Path(args.model or p.model)
@@ -868,639 +917,22 @@ def check_preset_unchanged(s: Study):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The smoke preset's tiny random checkpoint
+# The report: report.py reads the study folder; plan.json tells it what the plan says beyond preset.json
 # ----------------------------------------------------------------------------------------------------------------
 
-def random_weights(cfg: dict, seed: int = 0, std: float = 0.08) -> dict:
-    """Random tensors for a config.json dict, named and shaped by model.Transformer itself (so a family switch that
-    adds tensors adds them here too): norms 1 + N(0, std^2), the rest N(0, std^2); no lm_head when it is tied."""
-    import torch
-    from model import ModelArgs, Transformer
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Transformer(ModelArgs.from_config(cfg)).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in shapes.items():
-        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-            continue
-        w = torch.randn(shape, generator=g) * std
-        out[name] = (1 + w if name.endswith("norm.weight") else w).contiguous()
-    return out
-
-
-def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A 4-layer random Llama (hidden 64, GQA 4/2) with the default model's tokenizer, in HF layout."""
-    if (path / "config.json").exists():
-        return path
-    from safetensors.torch import save_file
-    from default_model import default_model_path
-    src = default_model_path()
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-           "vocab_size": read_json(src / "config.json")["vocab_size"], "hidden_size": 64, "intermediate_size": 128,
-           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
-           "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(random_weights(cfg, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    write_json(tmp / "config.json", cfg)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, tmp / name)
-    os.replace(tmp, path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Report: tables, figures and RESULTS.md from whatever stages are complete
-# ----------------------------------------------------------------------------------------------------------------
-
-# The paper's own numbers for the cells this study reproduces (Pass@1, 5, 10, Pass@10^(2), (5), (10), in %).
-PAPER = {
-    "humaneval": ("Table A1 (Evol-CodeAlpaca-V1, HumanEval)", {
-        "Llama-3-8B base": (29.09, 41.22, 46.95, 37.80, 28.66, 17.07),
-        "Llama-3-8B + FT": (56.70, 74.16, 79.27, 73.17, 62.80, 30.49),
-        "Llama-3-8B + IB-FT": (61.60, 75.44, 79.88, 73.78, 65.24, 37.20),
-        "DeepSeek-Coder-7B-v1.5 base": (44.33, 56.89, 62.20, 54.88, 45.12, 30.49),
-        "DeepSeek-Coder-7B-v1.5 + FT": (51.28, 64.10, 64.10, 63.46, 50.00, 32.05),
-        "DeepSeek-Coder-7B-v1.5 + IB-FT": (54.57, 67.30, 70.73, 67.07, 54.88, 39.63)}),
-    "verilogeval-human": ("Table 1 (OriGen, Eval-Human, DeepSeek-Coder-7B-Instruct-v1.5)", {
-        "base": (34.62, 42.09, 44.23, 42.31, 36.54, 24.36), "+ FT": (42.63, 54.60, 57.77, 54.49, 41.03, 27.56),
-        "+ FT w/ GRAND": (46.03, 52.48, 54.49, 52.57, 50.85, 43.59),
-        "+ FT w/ Min-K%": (50.89, 55.49, 56.41, 55.12, 51.92, 42.95),
-        "+ IB-FT": (51.99, 54.86, 55.77, 54.49, 51.92, 48.07)}),
-    "verilogeval-machine": ("Table 1 (OriGen, Eval-Machine, DeepSeek-Coder-7B-Instruct-v1.5)", {
-        "base": (56.47, 64.76, 67.13, 63.64, 58.74, 43.66), "+ FT": (67.83, 76.02, 76.92, 76.23, 72.73, 49.65),
-        "+ FT w/ GRAND": (72.73, 75.92, 76.92, 74.83, 72.73, 66.43),
-        "+ FT w/ Min-K%": (73.78, 75.70, 76.23, 75.52, 74.13, 68.52),
-        "+ IB-FT": (75.67, 78.51, 79.02, 78.32, 77.62, 69.23)}),
-}
-TABLE_RUNS = ("base", "ft", "mink20", "grand", "ibft", "ibft_raw")
-
-
-def _plt():
-    """matplotlib's pyplot (Agg) when installed, else None: figures are optional, the numbers never are."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
-
-
-def _save(fig, path: Path, caption: str) -> list:
-    """Write the figure atomically; returns the Markdown lines that show it in RESULTS.md."""
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    _plt().close(fig)
-    return ["", f"![{caption}](report/{path.name})"]
-
-
-def md_table(head: list, rows: list) -> str:
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
-                     ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
-def per_problem_counts(results: dict) -> dict:
-    """task_id -> (n, c) from an evaluate.py results file."""
-    out = {}
-    for r in results["samples"]:
-        n, c = out.get(r["task_id"], (0, 0))
-        out[r["task_id"]] = (n + 1, c + (r["outcome"] == "passed"))
-    return out
-
-
-def paired_difference(a: dict, b: dict, metric: str, bootstrap: int = 2000, seed: int = 0) -> tuple:
-    """Mean over problems of metric(a) - metric(b), with a 95% bootstrap interval that resamples problems (paired:
-    both runs are scored on the same resampled problems)."""
-    import evaluate as E
-    ids = sorted(set(a) & set(b))
-    name = "pass@1" if metric == E.GREEDY else metric
-    d = np.array([E.per_problem(name, *a[t]) - E.per_problem(name, *b[t]) for t in ids])
-    idx = np.random.default_rng(seed).integers(0, len(ids), size=(bootstrap, len(ids)))
-    means = d[idx].mean(axis=1)
-    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-class Collected:
-    """Everything the complete stages wrote, read once."""
-
-    def __init__(self, s: Study):
-        self.s, self.p = s, s.preset
-        self.done = {st.name: read_json(s.stage_dir(st.name) / "stage.json") for st in plan(s.preset)
-                     if is_complete(s, st.name)}
-        self.scores = {run: read_jsonl(s.stage_dir(f"score_{run}") / "scores.jsonl")
-                       for run in ("base", "ft", "ibft", "ibft_raw") if f"score_{run}" in self.done}
-        tofu = s.stage_dir("score_base") / "tofu.jsonl"
-        self.tofu = read_jsonl(tofu) if "score_base" in self.done and tofu.exists() else None
-        self.metrics = {run: read_jsonl(s.stage_dir(f"train_{run}") / "metrics.jsonl")
-                        for run in runs(s.preset)[1:] if f"train_{run}" in self.done}
-
-    def results(self, run: str, bench: str, tag: str) -> Optional[dict]:
-        stage = "eval" if tag in ("greedy", f"T{self.p.temperature:g}") else "temps"
-        f = self.s.stage_dir(f"{stage}_{run}") / f"{bench}.{tag}.results.json"
-        return read_json(f) if f"{stage}_{run}" in self.done and f.exists() else None
-
-
-def section_fig3(c: Collected, figs: Path) -> tuple:
-    import mink
-    if "base" not in c.scores:
-        return None, {}
-    train = {run: [r["mink"] for r in rows if r["split"] == "train"] for run, rows in c.scores.items()}
-    named = {"p0: train set, base": train["base"]}
-    named.update({f"p1: train set, {label(r)[2:]}": v for r, v in train.items() if r != "base"})
-    if c.tofu:
-        named["p2: TOFU, base"] = [r["mink"] for r in c.tofu]
-    overlaps = {f"{a} / {b}": mink.overlap(named[a], named[b]) for a in named for b in named if a < b}
-    text = ["## Fig. 3: how much of the fine-tuning set the base model already predicts (Min-20% Prob)", "",
-            "Lower = more memorized. " + _fig3_sentence(named, overlaps), "", "```",
-            mink.quantile_table(named), "```", "", md_table(["pair", "overlap coefficient"],
-                                                              [[k, f"{v:.2f}"] for k, v in overlaps.items()])]
-    plt = _plt()
-    if plt:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        lo = min(min(v) for v in named.values())
-        hi = max(max(v) for v in named.values())
-        for name, xs in named.items():
-            ax.hist(xs, bins=np.linspace(lo, hi, 41), density=True, alpha=0.45, label=name)
-        ax.set_xlabel("Min-20% Prob (mean NLL of the 20% least likely tokens)")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=8)
-        text += _save(fig, figs / "fig3_mink.png", "Fig. 3")
-    return "\n".join(text), {"quantiles": {k: np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist()
-                                           for k, v in named.items()}, "overlap": overlaps}
-
-
-def _fig3_sentence(named, overlaps) -> str:
-    p0 = "p0: train set, base"
-    out = f"The base model's median score on the training set is {np.median(named[p0]):.2f}"
-    p2 = [k for k in named if k.startswith("p2")]
-    if p2:
-        pair = f"{min(p0, p2[0])} / {max(p0, p2[0])}"
-        out += f" against {np.median(named[p2[0]]):.2f} on fictitious TOFU answers (overlap {overlaps[pair]:.2f})"
-    p1 = [k for k in named if k.startswith("p1")]
-    if p1:
-        out += "; after fine-tuning, " + ", ".join(f"{k[len('p1: train set, '):]} {np.median(named[k]):.2f}"
-                                                   for k in p1)
-    return out + "."
-
-
-def section_table1(c: Collected, figs: Path) -> tuple:
-    import evaluate as E
-    T = f"T{c.p.temperature:g}"
-    K = max(c.p.ks)
-    cols = [E.GREEDY] + [f"pass@{k}" for k in c.p.ks] + [f"pass@{K}^({m})" for m in c.p.ms]
-    text, numbers = [], {}
-    for bench in c.p.benchmarks:
-        rows, per = [], {}
-        for run in TABLE_RUNS + tuple(f"sweep_{x}" for x in sweep_eval_points(c.p)):
-            greedy, sampled = c.results(run, bench, "greedy"), c.results(run, bench, T)
-            if not (greedy or sampled):
-                continue
-            met = {**(greedy["metrics"] if greedy else {}), **(sampled["metrics"] if sampled else {})}
-            iv = {**(greedy["intervals"] if greedy else {}), **(sampled["intervals"] if sampled else {})}
-            rows.append([label(run)] + [f"{100 * met[k]:.2f} [{100 * iv[k][0]:.1f}, {100 * iv[k][1]:.1f}]"
-                                        if k in met else "" for k in cols])
-            numbers[f"{bench}/{run}"] = {"metrics": met, "intervals": iv}
-            per[run] = {"greedy": per_problem_counts(greedy) if greedy else None,
-                        "sampled": per_problem_counts(sampled) if sampled else None}
-        if not rows:
-            continue
-        n_prob = len(next(iter(per.values()))["sampled"] or next(iter(per.values()))["greedy"])
-        text += [f"## Table 1: {bench}, {n_prob} problems, greedy@1 and n = {c.p.n} samples at T = {c.p.temperature}",
-                 "", "In %, with 95% bootstrap intervals over problems.", "",
-                 md_table(["run"] + [k[0].upper() + k[1:] for k in cols], rows), ""]
-        diffs = []
-        for a, b in (("ibft", "ft"), ("ft", "base"), ("ibft", "base"), ("ibft_raw", "ibft"), ("mink20", "ft"),
-                     ("grand", "ft"), *((f"sweep_{x}", "ft") for x in sweep_eval_points(c.p))):
-            if a in per and b in per:
-                cells = []
-                for k in cols:
-                    kind = "greedy" if k == E.GREEDY else "sampled"
-                    if per[a][kind] and per[b][kind]:
-                        m, lo, hi = paired_difference(per[a][kind], per[b][kind], k)
-                        cells.append(f"{100 * m:+.2f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
-                        numbers[f"{bench}/{a}-{b}/{k}"] = [m, lo, hi]
-                    else:
-                        cells.append("")
-                diffs.append([f"{label(a)[2:] if a != 'base' else 'base'} - {label(b)[2:] if b != 'base' else 'base'}"]
-                             + cells)
-        if diffs:
-            text += ["Differences in points, paired over problems (95% bootstrap interval; an interval that "
-                     "contains 0 is a difference this run cannot resolve):", "",
-                     md_table(["difference"] + [k[0].upper() + k[1:] for k in cols], diffs), ""]
-        if bench in PAPER:
-            title, ref = PAPER[bench]
-            text += [f"The paper's {title}, for comparison (sampled Pass@1; no greedy column):", "",
-                     md_table(["run", "Pass@1", "Pass@5", "Pass@10", "Pass@10^(2)", "Pass@10^(5)", "Pass@10^(10)"],
-                              [[k] + [f"{x:.2f}" for x in v] for k, v in ref.items()]), ""]
-    return ("\n".join(text) if text else None), numbers
-
-
-def section_fig2(c: Collected, figs: Path) -> Optional[str]:
-    """Greedy Pass@1 next to sampled Pass@k and Pass@k^(m) for base, FT and IB-FT."""
-    T = f"T{c.p.temperature:g}"
-    K = max(c.p.ks)
-    names = ["greedy@1"] + [f"pass@{k}" for k in c.p.ks] + [f"pass@{K}^({m})" for m in c.p.ms]
-    bars = {}
-    for run in ("base", "ft", "ibft"):
-        g, smp = c.results(run, c.p.benchmarks[0], "greedy"), c.results(run, c.p.benchmarks[0], T)
-        if g and smp:
-            bars[label(run)] = [100 * {**g["metrics"], **smp["metrics"]}[n] for n in names]
-    if not bars:
-        return None
-    text = [f"## Fig. 2: greedy decoding against sampling ({c.p.benchmarks[0]})", "",
-            "The paper's Fig. 2 reads a gap between greedy Pass@1 and sampled Pass@k as a sign of uncertain "
-            "fine-tuning. Here, in %:", "",
-            md_table(["run"] + names, [[k] + [f"{x:.2f}" for x in v] for k, v in bars.items()])]
-    plt = _plt()
-    if plt:
-        fig, ax = plt.subplots(figsize=(8, 3.6))
-        w = 0.8 / len(bars)
-        for j, (name, v) in enumerate(bars.items()):
-            ax.bar(np.arange(len(names)) + j * w, v, w, label=name)
-        ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names)
-        ax.set_ylabel("%")
-        ax.legend()
-        text += _save(fig, figs / "fig2_greedy_vs_sampled.png", "Fig. 2")
-    return "\n".join(text)
-
-
-def section_fig4(c: Collected, figs: Path) -> Optional[str]:
-    T = f"T{c.p.temperature:g}"
-    bench = c.p.benchmarks[0]
-    points = []
-    for pct, run in [(0, "ft")] + [(round(100 * r), f"mink{round(100 * r)}") for r in c.p.removals]:
-        g, smp = c.results(run, bench, "greedy"), c.results(run, bench, T)
-        if smp:
-            points.append((pct, (g or {}).get("metrics", {}).get("greedy@1"), smp["metrics"]))
-    if len(points) < 2:
-        return None
-    ks = [f"pass@{k}" for k in c.p.ks]
-    text = [f"## Fig. 4: FT without the most memorized examples ({bench})", "",
-            "Removal by p0 (lowest Min-20% Prob first); every run has FT's step budget. In %:", "",
-            md_table(["removed"] + ["greedy@1"] + ks,
-                     [[f"{pct}%", "" if g is None else f"{100 * g:.2f}"] + [f"{100 * m[k]:.2f}" for k in ks]
-                      for pct, g, m in points])]
-    plt = _plt()
-    if plt:
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for k in ks:
-            ax.plot([x for x, _, _ in points], [100 * m[k] for _, _, m in points], marker="o", label=k)
-        ax.set_xlabel("most memorized examples removed (%)")
-        ax.set_ylabel("%")
-        ax.legend()
-        text += _save(fig, figs / "fig4_pruning.png", "Fig. 4")
-    return "\n".join(text)
-
-
-def section_fig5(c: Collected, figs: Path) -> Optional[str]:
-    import mink
-    if "geometry" not in c.done:
-        return None
-    g = read_json(c.s.stage_dir("geometry") / "geometry.json")
-    l2 = {label(r): v["l2"] for r, v in g["runs"].items()}
-    ang = {label(r): v["angle"] for r, v in g["runs"].items()}
-    text = [f"## Fig. 5: most vs least memorized examples at layer {g['layer']}", "",
-            f"{g['pairs']} random pairs between the lowest and highest 20% of p0 "
-            f"({len(g['groups']['most'])} examples each); each example's hidden state is averaged over its response "
-            "tokens.", "", "l2 distance:", "```", mink.quantile_table(l2), "```", "", "angle (degrees):", "```",
-            mink.quantile_table(ang, digits=2), "```"]
-    plt = _plt()
-    if plt:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for ax, (xlabel, named) in zip(axes, (("l2 distance", l2), ("angle (degrees)", ang))):
-            for name, xs in named.items():
-                ax.hist(xs, bins=40, density=True, alpha=0.45, label=name)
-            ax.set_xlabel(xlabel)
-            ax.legend(fontsize=8)
-        text += _save(fig, figs / "fig5_geometry.png", "Fig. 5")
-    return "\n".join(text)
-
-
-def section_fig6(c: Collected, figs: Path) -> Optional[str]:
-    bench = c.p.benchmarks[0]
-    names = [f"pass@{k}^({k})" for k in c.p.ks if k > 1]
-    rows, series = [], {}
-    for run in ("base", "ft", "ibft"):
-        for t in c.p.temperatures:
-            r = c.results(run, bench, f"T{t:g}")
-            if r:
-                rows.append([label(run), f"{t:g}"] + [f"{100 * r['metrics'][n]:.2f}" for n in names])
-                series.setdefault(run, []).append((t, [100 * r["metrics"][n] for n in names]))
-    if not any(len(v) > 1 for v in series.values()):
-        return None
-    text = [f"## Fig. 6: temperature ({bench})", "", "Pass@k^(k): all k samples must pass. In %:", "",
-            md_table(["run", "T"] + names, rows)]
-    plt = _plt()
-    if plt:
-        fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
-        for j, n in enumerate(names):
-            for run, pts in series.items():
-                axes[0][j].plot([t for t, _ in pts], [v[j] for _, v in pts], marker="o", label=label(run))
-            axes[0][j].set_title(n)
-            axes[0][j].set_xlabel("temperature")
-            axes[0][j].legend(fontsize=8)
-        text += _save(fig, figs / "fig6_temperature.png", "Fig. 6")
-    return "\n".join(text)
-
-
-def quintiles(base_scores: list) -> list:
-    """The training split's examples in five groups by p0, Q1 = most memorized (lowest Min-K%)."""
-    base = [r for r in base_scores if r["split"] == "train"]
-    return np.array_split(np.array(sorted(range(len(base)), key=lambda i: (base[i]["mink"], i))), 5)
-
-
-def quintile_drops(base_scores: list, run_scores: list) -> list:
-    """Per quintile, how much a run lowered the mean training NLL of its examples from the base model's."""
-    base = [r["nll"] for r in base_scores if r["split"] == "train"]
-    run = [r["nll"] for r in run_scores if r["split"] == "train"]
-    return [float(np.mean([base[i] for i in idx]) - np.mean([run[i] for i in idx])) for idx in quintiles(base_scores)]
-
-
-def split_drops(base_scores: list, run_scores: list) -> dict:
-    """Per-example paired drops (base NLL - run NLL), averaged per split, and the train - held-out gap."""
-    nll = {part: np.array([r["nll"] for r in run_scores if r["split"] == part]) for part in ("train", "heldout")}
-    base = {part: np.array([r["nll"] for r in base_scores if r["split"] == part]) for part in nll}
-    drop = {part: float(np.mean(base[part] - nll[part])) for part in nll}
-    return {"train": float(nll["train"].mean()), "heldout": float(nll["heldout"].mean()),
-            "train_median": float(np.median(nll["train"])), "heldout_median": float(np.median(nll["heldout"])),
-            "drop_train": drop["train"], "drop_heldout": drop["heldout"], "gap": drop["train"] - drop["heldout"]}
-
-
-def section_mechanism(c: Collected, figs: Path) -> tuple:
-    """Per memorization quintile of p0: how much each run lowered the training NLL; and the train/held-out gap."""
-    if "base" not in c.scores:
-        return None, {}
-    base = [r for r in c.scores["base"] if r["split"] == "train"]
-    fine = [r for r in ("ft", "ibft", "ibft_raw") if r in c.scores]
-    numbers, rows = {"quintiles": {r: quintile_drops(c.scores["base"], c.scores[r]) for r in fine}, "gap": {}}, []
-    for q, idx in enumerate(quintiles(c.scores["base"]), 1):
-        rows.append([f"Q{q}", f"{np.mean([base[i]['mink'] for i in idx]):.2f}",
-                     f"{np.mean([base[i]['nll'] for i in idx]):.3f}"] +
-                    [f"{numbers['quintiles'][run][q - 1]:.3f}" for run in fine])
-    spread = {run: max(v) - min(v) for run, v in numbers["quintiles"].items()}
-    text = ["## The mechanism: does IB-FT treat memorized and unmemorized data more equally?", "",
-            "Training examples split into quintiles by p0 (Q1 = most memorized). Mean response NLL (nats/token) on "
-            "the base model, and how much each run lowered it:", "",
-            md_table(["quintile", "p0 mean", "base NLL"] + [f"drop, {label(r)[2:]}" for r in fine], rows), ""]
-    if spread:
-        text += ["Spread of the drop across quintiles (max - min; smaller = more equal): " +
-                 ", ".join(f"{label(r)[2:]} {v:.3f}" for r, v in spread.items()) + ".", ""]
-    # Per-example paired drops (base NLL - run NLL) cancel the two splits' different difficulty; the gap is how much
-    # more the trained-on examples improved than unseen ones of the same data.
-    gap_rows = []
-    for run, rows_ in c.scores.items():
-        g = numbers["gap"][run] = split_drops(c.scores["base"], rows_)
-        gap_rows.append([label(run), f"{g['train']:.3f} ({g['train_median']:.3f})",
-                         f"{g['heldout']:.3f} ({g['heldout_median']:.3f})", f"{g['drop_train']:+.3f}",
-                         f"{g['drop_heldout']:+.3f}", f"{g['gap']:+.3f}"])
-    text += ["Generalization: mean (median) response NLL on the training split and on the held-out split of the same "
-             "data, each example's drop from the base model, and the gap between the two drops (how much more the "
-             "trained-on examples improved than unseen ones):", "",
-             md_table(["run", "train NLL", "held-out NLL", "drop, train", "drop, held-out", "gap"], gap_rows)]
-    numbers["spread"] = spread
-    plt = _plt()
-    if plt and c.metrics:
-        keys = [k for k in ("ce", "kl", "ce_ib") if any(m[0].get(k) for m in c.metrics.values())]
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
-        for ax, k in zip(axes[0], keys):
-            for run, m in c.metrics.items():
-                if run in ("ft", "ibft", "ibft_raw") and (k == "ce" or run.startswith("ibft")):
-                    ax.plot([x["step"] for x in m], [x[k] for x in m], label=label(run)[2:], lw=1)
-            ax.set_title(k)
-            ax.set_xlabel("step")
-            ax.set_yscale("log" if k == "kl" else "linear")
-            ax.legend(fontsize=8)
-        text += ["", "Training curves (CE, KL, CE_IB per optimizer step, from metrics.jsonl):"]
-        text += _save(fig, figs / "training_curves.png", "training curves")
-    return "\n".join(text), numbers
-
-
-SWEEP_MEASURES = (   # (key, column, digits): what each sweep point is read by, against FT's seed range
-    ("heldout_nll", "held-out NLL", 4), ("drop_heldout", "held-out NLL drop, per example", 4), ("drop_train", "train NLL drop", 4), ("gap", "gap", 4),
-    ("spread", "quintile spread", 4), ("l2_median", "l2 median", 2), ("angle_median", "angle median", 2),
-    ("norm_median", "pooled norm median", 1), ("distance", "distance from FT", 3))
-
-
-def sweep_point_numbers(s: Study, base_scores: list, point: str) -> dict:
-    """One sweep point's measures, read from its stage folder (and score_base)."""
-    d = s.stage_dir(f"sweep_{point}")
-    m, info = read_jsonl(d / "metrics.jsonl"), read_json(d / "point.json")
-    scores = read_jsonl(d / "scores.jsonl")
-    drops = quintile_drops(base_scores, scores)
-    arm, alpha, beta, seed = parse_point(point)
-    cfg = read_json(d / "config.json")
-    shares = [r["ib_share"] for r in m if "ib_share" in r]
-    held = [r for r in scores if r["split"] == "heldout"]
-    return {"arm": arm, "alpha": None if arm == "ft" else cfg["alpha"], "beta": None if arm == "ft" else cfg["beta"],
-            "seed": cfg["seed"], **split_drops(base_scores, scores), "spread": max(drops) - min(drops),
-            "heldout_nll": sum(r["nll"] * r["tokens"] for r in held) / sum(r["tokens"] for r in held),
-            "quintile_drops": drops, "l2_median": info["geometry"]["l2_median"],
-            "angle_median": info["geometry"]["angle_median"], "norm_median": info["geometry"].get("norm_median"),
-            "distance": info["adapter_distance_from_ft"],
-            "ib_share": float(np.median(shares)) if shares else None,
-            "ib_cos": float(np.median([r["ib_cos"] for r in m if "ib_cos" in r])) if shares else None,
-            "rate_first": m[0].get("rate"), "rate": m[-1].get("rate"),
-            "sink_share_first": m[0].get("sink_share"), "sink_share": m[-1].get("sink_share"),
-            "eval_curve": [(r["step"], r["eval_nll"]) for r in m if "eval_nll" in r]}
-
-
-def section_sweep(c: Collected, figs: Path) -> tuple:
-    """The sensitivity sweep: every complete point's measures, FT's seed range, and which points leave it."""
-    arms = ("ft", "norm", "nosink", "authors")
-    def order(x):
-        arm, *rest = parse_point(x)
-        return (arms.index(arm), *(v if v is not None else -1 for v in rest))
-
-    points = sorted((x for x in sweep_points(c.p) if f"sweep_{x}" in c.done), key=order)
-    if not points or "base" not in c.scores:
-        return None, {}
-    base = c.scores["base"]
-    num = {x: sweep_point_numbers(c.s, base, x) for x in points}
-    norms = read_json(c.s.stage_dir("geometry_sweep") / "norms.json") if "geometry_sweep" in c.done else {}
-    for x in points:      # geometry_sweep's measurement, else the point's own (points run since it was recorded)
-        num[x]["norm_median"] = norms.get(x, num[x]["norm_median"])
-    ft = [x for x in points if num[x]["arm"] == "ft"]
-    rng = {k: (min(num[x][k] for x in ft), max(num[x][k] for x in ft)) for k, _, _ in SWEEP_MEASURES
-           if len(ft) >= 2 and all(num[x][k] is not None for x in ft)}
-
-    def cell(x, k, digits):
-        v = num[x][k]
-        if v is None:
-            return "-"
-        out = k in rng and num[x]["arm"] != "ft" and not rng[k][0] <= v <= rng[k][1]
-        return f"**{v:.{digits}f}**" if out else f"{v:.{digits}f}"
-
-    def opt(v, f):
-        return "-" if v is None else format(v, f)
-
-    rows = [[f"`{x}`", opt(num[x]["alpha"], "g"), opt(num[x]["beta"], "g"), num[x]["seed"],
-             opt(num[x]["ib_share"], ".3f"), opt(num[x]["rate"], ".2f"),
-             "-" if num[x]["sink_share"] is None else
-             f"{100 * num[x]['sink_share_first']:.1f}% -> {100 * num[x]['sink_share']:.1f}%"]
-            + [cell(x, k, dg) for k, _, dg in SWEEP_MEASURES] for x in points]
-    text = ["## When does IB-FT act? The sensitivity sweep", "",
-            "Arms: `ft` plain FT; `norm` IB-FT with q_phi on the RMS-normalized hidden state; `nosink` q_phi on the "
-            "raw hidden state (the paper) with the attention sink kept out; `authors` the authors' released code as "
-            "it ran (raw input, sink kept, KL over rows padded to 2048, alpha 0.2, beta 0.01, lr 1e-4, warmup 0.1). "
-            "Every point has the preset's data, seed (unless `_s`) and FT's step budget. ib_share: median over the run "
-            "of |grad alpha*l_IB| / |grad CE| on the LoRA weights; rate: KL nats per bottlenecked token at the last "
-            "step (summed over latent dims); sink share: the share of all tokens' KL on attention sinks at the first and "
-            "the last step (a sink that training shrank below the threshold is no longer one). NLL drops are paired "
-            "per example against the base model, each example's mean weighted equally (nats/token); held-out NLL "
-            "is the mean over all held-out response tokens instead (the usual LM number); the gap is train drop - "
-            "held-out drop; the quintile "
-            "spread is the mechanism table's; l2/angle medians are Fig. 5's; the distance is ||dW - dW_FT|| / "
-            "||dW_FT|| from FT's adapter at the same seed; the pooled norm median is the median norm of the same "
-            "pooled states (`geometry_sweep`" + (f"; base model {norms['base']:.1f}" if "base" in norms else "") +
-            "). **Bold**: outside FT's range over "
-            f"{len(ft)} seeds" + (f" ({', '.join(f'{k} {lo:.4g}..{hi:.4g}' for k, (lo, hi) in rng.items())})"
-                                  if rng else " (needs two FT seeds)") + ".", "",
-            md_table(["point", "alpha", "beta", "seed", "ib_share", "rate", "sink share"] +
-                     [col for _, col, _ in SWEEP_MEASURES], rows), "",
-            f"Each point reruns with `python reproduce.py --preset {c.p.name} --stages sweep_<point>`; its train.py "
-            "flags are in `sweep_<point>/point.json`, its per-step diagnostics in `sweep_<point>/metrics.jsonl`."]
-    chosen = SWEEP_CHOSEN.get(c.p.name)
-    pairs = [(x, sweep_ft(x)) for x in points if x.split("_s")[0] == chosen and sweep_ft(x) in num]
-    if pairs:
-        keys = [(k, col, dg) for k, col, dg in SWEEP_MEASURES if k != "distance"]
-        diffs = {x: {k: None if num[x][k] is None or num[f][k] is None else num[x][k] - num[f][k] for k, _, _ in keys}
-                 for x, f in pairs}
-        rows = [[f"`{x}` - `{f}`"] + ["-" if diffs[x][k] is None else f"{diffs[x][k]:+.{dg}f}" for k, _, dg in keys]
-                for x, f in pairs]
-        if len(pairs) > 1:
-            rows.append(["mean"] + [f"{np.mean([diffs[x][k] for x, _ in pairs]):+.{dg}f}"
-                                    if all(diffs[x][k] is not None for x, _ in pairs) else "-" for k, _, dg in keys])
-        text += ["", f"The chosen setting `{chosen}` against FT at the same seed (same LoRA init, data order and "
-                 "dropout draws):", "", md_table(["pair"] + [col for _, col, _ in keys], rows)]
-    plt = _plt()
-    if plt:
-        text += _sweep_figures(plt, c, figs, num, rng)
-    return "\n".join(text), {"points": num, "ft_range": rng}
-
-
-def _sweep_figures(plt, c: Collected, figs: Path, num: dict, rng: dict) -> list:
-    """Held-out NLL and quintile spread against alpha per arm (FT's seed range shaded); held-out NLL over steps
-    for FT and the chosen setting, its step 0 the base model's (score_base, the same examples)."""
-    out = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in ((axes[0], "heldout_nll", "held-out NLL (all response tokens)"),
-                           (axes[1], "spread", "quintile spread")):
-        for arm in ("norm", "nosink", "authors"):
-            pts = sorted((v["alpha"], v[key]) for x, v in num.items()
-                         if v["arm"] == arm and v["seed"] == c.p.seed and v["beta"] == (0.01 if arm == "authors"
-                                                                                      else c.p.beta))
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=arm)
-        if key in rng:
-            ax.axhspan(*rng[key], color="grey", alpha=0.3, label="FT, seed range")
-        ax.set_xscale("log")
-        ax.set_xlabel("alpha")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    out += _save(fig, figs / "sweep_alpha.png", "sweep against alpha")
-    chosen = SWEEP_CHOSEN.get(c.p.name)
-    base = [r for r in c.scores["base"] if r["split"] == "heldout"][:SWEEP_EVAL_EXAMPLES]
-    step0 = sum(r["nll"] * r["tokens"] for r in base) / sum(r["tokens"] for r in base)
-    curves = {x: v for x, v in num.items() if v["arm"] == "ft" or (chosen and x.startswith(chosen) and "_b" not in x)}
-    if curves:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for x, v in curves.items():
-            ax.plot([0] + [s_ for s_, _ in v["eval_curve"]], [step0] + [e for _, e in v["eval_curve"]], marker="o",
-                    ls="-" if v["arm"] == "ft" else "--", label=x)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"held-out NLL ({len(base)} examples)")
-        ax.legend(fontsize=8)
-        out += _save(fig, figs / "sweep_heldout_curves.png", "held-out NLL over steps")
-    return out
-
-
-def section_barrier(c: Collected, figs: Path) -> tuple:
-    """The memorization barrier: NLL drops on D_m, D_n and held-out data, from the base and the memorized model."""
-    if "barrier_memorize" not in c.done or "base" not in c.scores:
-        return None, {}
-    info = read_json(c.s.stage_dir("barrier_memorize") / "barrier.json")
-    memorized = read_jsonl(c.s.stage_dir("barrier_memorize") / "scores.jsonl")
-    groups = {"D_m": set(info["d_m"]), "D_n": set(info["d_n"])}
-
-    def drops(before, after):
-        out = {}
-        for name, idx in groups.items():
-            pairs = [(b["nll"], a["nll"]) for b, a in zip(before, after) if b["split"] == "train" and b["index"] in idx]
-            out[name] = float(np.mean([b - a for b, a in pairs]))
-        out["held-out"] = float(np.mean([b["nll"] - a["nll"] for b, a in zip(before, after)
-                                         if b["split"] == "heldout"]))
-        return out
-
-    def means(rows):
-        out = {name: float(np.mean([r["nll"] for r in rows if r["split"] == "train" and r["index"] in idx]))
-               for name, idx in groups.items()}
-        out["held-out"] = float(np.mean([r["nll"] for r in rows if r["split"] == "heldout"]))
-        return out
-
-    levels = {"base model": means(c.scores["base"]), "memorized model (base + FT on D_m)": means(memorized)}
-    runs = {}
-    if "sweep_ft_s0" in c.done:
-        runs["FT from the base model (sweep ft_s0)"] = drops(c.scores["base"],
-                                                             read_jsonl(c.s.stage_dir("sweep_ft_s0") / "scores.jsonl"))
-        levels["base + FT (sweep ft_s0)"] = means(read_jsonl(c.s.stage_dir("sweep_ft_s0") / "scores.jsonl"))
-    for point in barrier_points(c.p):
-        if point and f"barrier_{point}" in c.done:
-            name = f"{'FT' if point.startswith('ft') else f'IB-FT `{point}`'} from the memorized model"
-            after = read_jsonl(c.s.stage_dir(f"barrier_{point}") / "scores.jsonl")
-            runs[name], levels[f"memorized + {name.split(' from')[0]}"] = drops(memorized, after), means(after)
-    sh = info["gradient_shares"]
-    text = ["## A controlled memorization barrier", "",
-            f"Rule: {info['rule']}. D_m and D_n are {len(info['d_m'])} and {len(info['d_n'])} training examples. "
-            "Rounds (epochs: D_m's median Min-20% Prob): " + ", ".join(
-                f"{r['epochs']}: {r['d_m_min20_median']:.3f}" for r in info["rounds"]) +
-            f"; the threshold was {info['threshold']:.3f}.", "",
-            "The first step's CE gradient on a fresh LoRA, split by the examples its tokens come from (share = "
-            "<g_group, g> / |g|^2; the two add up to 1):", "",
-            md_table(["model", "D_m share", "D_n share", "norm of g_m", "norm of g_n"],
-                     [[k, f"{v['share_m']:.3f}", f"{v['share_n']:.3f}", f"{v['norm_m']:.4f}", f"{v['norm_n']:.4f}"]
-                      for k, v in sh.items()]), "",
-            "Mean response-NLL drop per example (nats/token), paired against the model each run started from:", "",
-            md_table(["run", "D_m", "D_n", "held-out"],
-                     [[k] + [f"{v[g]:+.4f}" for g in ("D_m", "D_n", "held-out")] for k, v in runs.items()]), "",
-            "Mean response NLL (nats/token) of each group on each model:", "",
-            md_table(["model", "D_m", "D_n", "held-out"],
-                     [[k] + [f"{v[g]:.4f}" for g in ("D_m", "D_n", "held-out")] for k, v in levels.items()])]
-    return "\n".join(text), {"info": {k: v for k, v in info.items() if k not in ("d_m", "d_n")}, "drops": runs,
-                              "levels": levels}
-
-
-def write_report(s: Study):
-    c = Collected(s)
-    figs = s.out / "report"
+def write_plan(s: Study, stages: list):
+    """plan.json: what report.py needs of the plan (the stages in order, the runs' labels, the sweep's points, ...)
+    beyond preset.json and the stage folders; report.py's docstring lists its keys. Rewritten whenever reproduce.py
+    runs (not --dry-run), so that `python report.py results/<preset>` follows the plan of the last run."""
     p = s.preset
-    head = [f"# Results: preset `{p.name}`", "",
-            f"Written by `python reproduce.py --preset {p.name}` from the stages complete so far. Model: "
-            f"`{s.model_path.name}`; data: `{s.data_path.name}`; every number below is recomputable from the files "
-            "in this folder (per-sample results and samples beside each evaluation).", "",
-            "Settings: " + ", ".join(f"{k} {getattr(p, k)}" for k in (
-                "n_train", "n_heldout", "max_len", "epochs", "batch_size", "lr", "lora_r", "lora_alpha", "alpha",
-                "beta", "layer", "n", "temperature", "top_p", "max_new_tokens")) + "."]
-    sections, numbers = [], {}
-    for fn in (section_table1, section_fig3, section_mechanism, section_sweep, section_barrier):
-        text, nums = fn(c, figs)
-        if text:
-            sections.append(text)
-            numbers[fn.__name__[len("section_"):]] = nums
-    for fn in (section_fig2, section_fig4, section_fig5, section_fig6):
-        text = fn(c, figs)
-        if text:
-            sections.append(text)
-    stage_rows = [[name, f"{meta['wall_seconds'] / 60:.1f}", (meta["versions"].get("git_commit") or "-")[:8] +
-                   ("+" if meta["versions"].get("git_dirty") else ""), meta["summary"]] for name, meta in c.done.items()]
-    pending = [st.name for st in plan(p) if st.name not in c.done]
-    tail = ["## Stages", "", md_table(["stage", "minutes", "commit", "summary"], stage_rows), "",
-            "Not run yet: " + (", ".join(pending) if pending else "none") + "."]
-    write_text(s.out / "RESULTS.md", "\n\n".join(["\n".join(head)] + sections + ["\n".join(tail)]) + "\n")
-    write_json(figs / "report.json", numbers)
+    points, evals = sweep_points(p), sweep_eval_points(p)
+    write_json(s.out / "plan.json", {
+        "model": s.model_path.name, "data": s.data_path.name, "stages": [st.name for st in stages], "runs": runs(p),
+        "labels": {r: label(r) for r in runs(p) + [f"sweep_{x}" for x in dict.fromkeys(points + evals)]},
+        "sweep_points": [{"point": x, **dict(zip(("arm", "alpha", "beta", "seed"), parse_point(x))), "ft": sweep_ft(x)}
+                         for x in points],
+        "sweep_chosen": SWEEP_CHOSEN.get(p.name), "sweep_eval_points": evals,
+        "sweep_eval_examples": SWEEP_EVAL_EXAMPLES, "barrier_points": [x for x in barrier_points(p) if x]})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1519,6 +951,10 @@ def parse_args(argv=None):
     ap.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the stage plan with estimated minutes, run nothing")
     ap.add_argument("--device", help="torch device (default: CUDA when available, else the CPU)")
+    ap.add_argument("--devices", type=int, default=1, metavar="N", help="data parallel on N devices (GPUs 0..N-1, "
+                    "or N processes sharing the CPU's cores): train_<run> through torchrun (DDP, the same global "
+                    "batch), eval_<run>/temps_<run> as N evaluate.py --shard processes, merged; the rest in one "
+                    "process. --dry-run with N: the estimate on N devices")
     ap.add_argument("--template", help="chat template family for a checkpoint that ships none (e.g. alpaca for a base "
                     "model; see train.py --template)")
     return ap.parse_args(argv)
@@ -1548,25 +984,40 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(argv)
+        if args.devices < 1:
+            raise UsageError(f"--devices {args.devices}: must be >= 1")
         s = resolve(args)
+        if s.preset.batch_size % args.devices:
+            raise UsageError(f"--devices {args.devices}: the preset's global batch {s.preset.batch_size} does not "
+                             f"split evenly over {args.devices} processes")
+        s.devices = args.devices
+        if args.devices > 1 and not args.dry_run:
+            import torch
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if gpus and gpus < args.devices:
+                raise UsageError(f"--devices {args.devices}: only {gpus} GPU(s) visible")
         stages = plan(s.preset)
         chosen = select(s.preset, args.stages, stages)
         unknown = [f for f in args.force if f not in {st.name for st in stages}]
         if unknown:
             raise UsageError(f"--force: unknown stage '{unknown[0]}'")
         if args.dry_run:
-            print(f"preset {s.preset.name}: model {s.model_path}, data {s.data_path}, out {s.out}")
+            print(f"preset {s.preset.name}: model {s.model_path}, data {s.data_path}, out {s.out}"
+                  + (f"; {args.devices} devices (train_, eval_, temps_ split over them)" if args.devices > 1 else ""))
             print(f"rates ({s.preset.rates['where']}): " + ", ".join(
                 f"{k} {v:g} tok/s" for k, v in s.preset.rates.items() if k in ("score", "train", "generate")))
-            total = 0.0
+            total, one = 0.0, 0.0
             for st in chosen:
                 done = is_ready(s, st.name) and st.name not in args.force
-                est = estimate_minutes(s, st.name)
+                est = estimate_minutes(s, st.name, args.devices)
                 total += 0 if done else est
+                one += 0 if done else estimate_minutes(s, st.name)
                 print(f"  {st.name:<16} {'done' if done else f'~{est:6.1f} min':>12}  {st.what}")
-            print(f"  {'total':<16} {f'~{total:6.1f} min':>12}  (then: report)")
+            print(f"  {'total':<16} {f'~{total:6.1f} min':>12}  (then: report)"
+                  + (f"; on one device: ~{one:.1f} min" if args.devices > 1 else ""))
             return 0
         check_preset_unchanged(s)
+        write_plan(s, stages)
         for st in chosen:
             if st.name in args.force:                 # redo from nothing: no resumed samples or checkpoints
                 shutil.rmtree(s.stage_dir(st.name), ignore_errors=True)
@@ -1577,8 +1028,7 @@ def main(argv=None) -> int:
                 continue
             run_stage(s, st, argv)
         print("\n== report ==", flush=True)
-        write_report(s)
-        print(f"wrote {s.out / 'RESULTS.md'}")
+        print(f"wrote {report.write_report(s.out)}")
     except UsageError as e:
         return fail("reproduce.py", e)
     return 0

@@ -22,6 +22,14 @@ is --batch-size x processes x --grad-accum; --global-batch-size G sets it direct
 RUN_DIR (--out) gets: adapter_model.safetensors + adapter_config.json (PEFT format), vib.safetensors, config.json
 (the resolved run config), metrics.jsonl, and checkpoint/ (every --save-minutes and at each epoch's end; the newest
 --keep-checkpoints kept as checkpoint/, .checkpoint.old/, ...; resumable with --resume).
+
+References:
+  - The paper: Wang, Chen, Liu and Ding, 2025, arXiv:2510.16022v1: Eq. (1), Eq. (IB-FT), Alg. 1, Appendix C.1 (the
+    hyperparameters), Table 1 (the Min-K% and GRAND baselines).
+  - The authors' training script: https://github.com/OPTML-Group/MemorizationBarrier at commit 828050f5f3b2
+    (train_ib.py, config/training_args.json: 2 per device, warmup 0.1, cosine, fp16, lr 1e-4), the padded KL mean.
+  - LoRA: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021, arXiv:2106.09685 (lora.py).
+  - The loop's shape: karpathy/nanoGPT's train.py (a plain PyTorch loop, the optimizer step on one screen).
 """
 import argparse
 import contextlib
@@ -44,11 +52,13 @@ from safetensors.torch import load_file, save_file
 
 import data
 import lora
+import peft_io
 from cli import (UsageError, add_model_flags, atomic_write, fail, python_command, read_records, write_json,
                  write_text)
-from bottleneck import SINK_RATIO, IBConfig, VariationalBottleneck, ib_penalty, ib_terms, ibft_loss, kl_count
+from bottleneck import SINK_RATIO, IBConfig, VariationalBottleneck, ib_penalty, ibft_loss, kl_count
+from checkpoint import load_model
 from default_model import default_model_path
-from model import linear_cross_entropy, load_model
+from model import linear_cross_entropy
 from tokenizer import FAMILIES, load_tokenizer
 
 REPO = Path(__file__).resolve().parent
@@ -103,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated module names LoRA adapts (Appendix C.1: all seven projections)")
     p.add_argument("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--alpha", type=float, default=None,
-                   help=f"IB weight alpha in Eq. (IB-FT) (default {IBConfig.alpha}, chosen by the sensitivity sweep "
-                        f"(README, 'When does IB-FT act?'); the paper: 0.1, --paper-ib; the authors' code runs 0.2)")
+                   help=f"IB weight alpha in Eq. (IB-FT) (default {IBConfig.alpha:g}, chosen by the sensitivity sweep for "
+                        f"the normalized q_phi input (README, 'When does IB-FT act?'); the paper: 0.1 on the raw input, "
+                        f"--paper-ib; the authors' code runs 0.2)")
     p.add_argument("--beta", type=float, default=IBConfig.beta,
                    help="IB trade-off beta in Eq. (6) (paper: 0.02 OriGen, 0.01 Evol-CodeAlpaca; the authors' released "
                         "code runs 0.01)")
@@ -121,15 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logvar-clamp", type=float, default=4.0, help="clamp log sigma^2 to [-c, c]; 0 disables")
     p.add_argument("--ib-head-norm", action="store_true", help="apply the final RMSNorm before the IB branch's LM head")
     p.add_argument("--ib-input", default=None, choices=["raw", "norm"],
-                   help="what q_phi reads: raw: the hidden state as it is (the paper, the authors' code; default); "
-                        "norm: RMS-normalized first (this project's earlier default: it leaves IB-FT equal to FT)")
+                   help="what q_phi reads: norm (default): the hidden state RMS-normalized first, chosen by the "
+                        "sensitivity sweep; raw: as it is (the paper, the authors' code; its KL is the attention sink's "
+                        "unless --ib-sink exclude)")
     p.add_argument("--ib-sink", default=None, choices=["exclude", "keep"],
                    help="exclude (default): attention-sink tokens (layer-l* norm > --ib-sink-ratio x their row's "
                         "median; on SmolLM2 the first token) stay out of the KL and CE_IB; keep: every real token "
                         "(the paper)")
     p.add_argument("--paper-ib", action="store_true",
-                   help="the paper's IB-FT literally: the sink kept, alpha 0.1 (an explicit --alpha or --ib-sink "
-                        "still wins)")
+                   help="the paper's IB-FT literally: q_phi on the raw state, the sink kept, alpha 0.1 (an explicit "
+                        "--alpha, --ib-input or --ib-sink still wins)")
     p.add_argument("--ib-sink-ratio", type=float, default=SINK_RATIO,
                    help="the norm ratio above which a token is an attention sink (bottleneck.SINK_RATIO, measured)")
     p.add_argument("--diag-every", type=int, default=10,
@@ -205,7 +217,7 @@ def parse_args(argv=None):
     if args.ib_sink is None:
         args.ib_sink = "keep" if args.paper_ib or not IBConfig.exclude_sink else "exclude"
     if args.ib_input is None:
-        args.ib_input = "norm" if IBConfig.input_norm else "raw"
+        args.ib_input = "raw" if args.paper_ib or not IBConfig.input_norm else "norm"
     return args
 
 
@@ -337,21 +349,27 @@ def select_grand(model, examples, pad_id, keep, seeds, args):
 # ----------------------------------------------------------------------------------------------------------------
 
 class Objective(nn.Module):
-    """model + optional bottleneck in one module, so that DDP sees every trainable parameter."""
+    """model + optional bottleneck in one module, so that DDP sees every trainable parameter. Its forward is Alg. 1's
+    for one micro-batch: the token sums that ibft_loss turns into Eq. (IB-FT) with the whole step's counts."""
 
     def __init__(self, model, vib, layer):
         super().__init__()
         self.model, self.vib, self.layer = model, vib, layer
 
     def forward(self, ids, attn, label, targets, noise_slice=None):
-        h, h_layer = self.model.trunk(ids, attn, hidden_layer=self.layer if self.vib is not None else None)
-        rows = self.model.model.norm(h[label])                                   # (N, H): label positions only
-        ce_sum = linear_cross_entropy(rows, self.model.lm_head.weight, targets)  # Eq. (1)
-        if self.vib is None:
+        """(ce_sum, kl_sum, ce_ib_sum, stats). ids/attn/label (B, T); targets (N,), the labels at label positions."""
+        vib, head = self.vib, self.model.lm_head.weight
+        h, h_l = self.model.trunk(ids, attn, hidden_layer=self.layer if vib is not None else None)  # one forward
+        ce_sum = linear_cross_entropy(self.model.model.norm(h[label]), head, targets)  # Eq. (1), (N, H) rows
+        if vib is None:                                                                # plain FT
             zero = ce_sum.new_zeros(())
             return ce_sum, zero, zero, {}
-        kl_sum, ce_ib_sum, stats = ib_terms(self.model, self.vib, h_layer, attn, label, targets,
-                                            noise_slice)                         # Eq. (4), (5)
+        kl_sum, h_bar, stats = vib(h_l, attn, label, noise_slice)      # q_phi, z = mu + sigma * eps, g_phi; Eq. (4)
+        if vib.cfg.exclude_sink:                                       # the sinks' labels leave CE_IB too
+            targets = targets[stats["labels_kept"]]
+        if vib.cfg.head_norm:
+            h_bar = self.model.model.norm(h_bar)
+        ce_ib_sum = linear_cross_entropy(h_bar, head, targets)         # s_IB = lm_head(h_bar): -Eq. (5), summed
         return ce_sum, kl_sum, ce_ib_sum, stats
 
 
@@ -427,7 +445,7 @@ def save_checkpoint(run_dir: Path, model, vib, opt, sched, scaler, step, base_pa
     """checkpoint/ (write_checkpoint): the LoRA adapter, the bottleneck, and the optimizer, schedule, RNG and scaler
     states; the `keep` - 1 before it stay as .checkpoint.old, .checkpoint.old2, ..., what --resume falls back on."""
     def fill(tmp):
-        lora.save_adapter(model, tmp, base_path)
+        peft_io.save_adapter(model, tmp, base_path)
         if vib is not None:
             save_vib(vib, tmp / "vib.safetensors", model.hidden_size)
         none = torch.zeros(0, dtype=torch.uint8)
@@ -444,7 +462,7 @@ def load_checkpoint(run_dir: Path, model, vib, opt, sched, scaler):
     """--resume from checkpoint/, or from the newest older one kept (.checkpoint.old, .checkpoint.old2, ...) that can
     be read where checkpoint/ is missing or a file of it cannot be read (truncated, corrupt): a note on stderr names
     each file skipped and why. Every file is read before anything is restored. Returns the step the checkpoint holds."""
-    names = [lora.ADAPTER_WEIGHTS, "trainer_state.pt"] + (["vib.safetensors"] if vib is not None else [])
+    names = [peft_io.ADAPTER_WEIGHTS, "trainer_state.pt"] + (["vib.safetensors"] if vib is not None else [])
 
     def read(ck) -> tuple:
         """({name: contents}, None) of a checkpoint folder, or (None, why) for its first missing or unreadable file."""
@@ -473,7 +491,7 @@ def load_checkpoint(run_dir: Path, model, vib, opt, sched, scaler):
                          + ("" if kept[-1].name != "checkpoint" else "; no .checkpoint.old to fall back on"))
     if skipped:
         print(f"note: --resume: {'; '.join('skipped ' + s for s in skipped)}; resuming from {ck}", file=sys.stderr)
-    lora.load_lora_state_dict(model, got[lora.ADAPTER_WEIGHTS], str(ck / lora.ADAPTER_WEIGHTS))
+    lora.load_lora_state_dict(model, got[peft_io.ADAPTER_WEIGHTS], str(ck / peft_io.ADAPTER_WEIGHTS))
     if vib is not None:
         vib.load_state_dict(got["vib.safetensors"])
     state = got["trainer_state.pt"]
@@ -858,7 +876,7 @@ def diagnostics_summary(metrics: Path) -> list:
 def finish(run: Run, first_loss, last_loss, elapsed: float, tokens_seen: float):
     """The PEFT adapter, the bottleneck's weights and a final checkpoint in RUN_DIR, and a one-screen summary."""
     args, run_dir, vib = run.args, run.run_dir, run.vib
-    lora.save_adapter(run.model, run_dir, str(run.model_path))
+    peft_io.save_adapter(run.model, run_dir, str(run.model_path))
     if vib is not None:
         save_vib(vib, run_dir / "vib.safetensors", run.model.hidden_size)
     save_checkpoint(run_dir, run.model, vib, run.opt, run.sched, run.scaler, run.total_steps, str(run.model_path),

@@ -33,8 +33,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import checkpoint as C  # noqa: E402
 import evaluate  # noqa: E402
-import model as M  # noqa: E402
 from default_model import default_model_path  # noqa: E402
 import generate as G  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -101,9 +101,9 @@ RSS_CHILD = r"""
 import sys, torch
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {bench!r})
-import model as M
+import checkpoint as C
 from bench_generate import G, default_model_path, humaneval_prompts, load_tokenizer
-m, tok = M.load_model(default_model_path()), load_tokenizer(default_model_path())
+m, tok = C.load_model(default_model_path()), load_tokenizer(default_model_path())
 prompts = humaneval_prompts(tok, 7)
 G.generate(m, prompts, {max_new}, temperature=0.2, top_p=0.95, n=10, eos_ids=set(range(m.config.vocab_size)),
            seed=0, batch_size=64)
@@ -146,7 +146,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     path = default_model_path()
-    m, tok = M.load_model(path), load_tokenizer(path)
+    m, tok = C.load_model(path), load_tokenizer(path)
     n_params = sum(p.numel() for p in m.parameters())                    # tied embedding counted once
     prompts = humaneval_prompts(tok, max(args.problems, -(-args.batch_size // N)))
     print(f"default model {path.name}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")

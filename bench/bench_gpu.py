@@ -5,7 +5,7 @@
 
 No checkpoint on disk: the model (hidden 4096, 30 layers, 32 heads, intermediate 11008, vocab 102400, llama) is
 built on the meta device and materialized on the device in bf16, its weights drawn there (norms 1 + N(0, s^2), the
-rest N(0, s^2), named by model.Transformer itself as reproduce.random_weights does). One JSON object goes to stdout
+rest N(0, s^2), named by model.Transformer itself as checkpoint.random_weights does). One JSON object goes to stdout
 and to --out; progress to stderr. Parts (--parts), each on a fresh model:
   train     LoRA r 32 / alpha 32 / dropout 0.05 on the seven projections (lora.inject_lora), batch 2 x 2048 random
             tokens, every next token a label; train.py's step on CUDA (bf16 autocast, the loss through
@@ -37,6 +37,7 @@ import torch.nn as nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import checkpoint as C  # noqa: E402
 import cli  # noqa: E402
 import generate as G  # noqa: E402
 import lora as L  # noqa: E402
@@ -90,7 +91,7 @@ def reset_memory(device):
 def random_model(cfg: dict, device, std: float, seed: int = 0) -> M.Transformer:
     """model.Transformer for a config.json dict, built on the meta device and materialized on `device` in bf16 with
     random weights drawn there: frozen, in eval mode, as load_model returns it."""
-    args = M.ModelArgs.from_config(cfg, where="bench_gpu.py shape")
+    args = C.model_args(cfg, where="bench_gpu.py shape")
     with torch.device("meta"):
         model = M.Transformer(args).to(torch.bfloat16)
     model.to_empty(device=device)

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import cli  # noqa: E402
 import mink  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from default_model import default_model_path  # noqa: E402
-from model import load_model  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 

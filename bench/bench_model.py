@@ -25,6 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import checkpoint as C  # noqa: E402
 import model as M  # noqa: E402
 from default_model import default_model_path  # noqa: E402
 import generate as G  # noqa: E402
@@ -68,7 +69,7 @@ def fwd_bwd_hf(hf, ids, labels):
 
 def bench_train_step(path, pairs):
     from transformers import LlamaForCausalLM
-    ours = M.load_model(path)
+    ours = C.load_model(path)
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).train()
     ours.train()
     for mod in (ours, hf):
@@ -102,7 +103,7 @@ def bench_train_step(path, pairs):
 
 def bench_sampling(path, n_prompts):
     from transformers import AutoTokenizer, LlamaForCausalLM
-    ours, tok = M.load_model(path), load_tokenizer(path)
+    ours, tok = C.load_model(path), load_tokenizer(path)
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hft = AutoTokenizer.from_pretrained(path)
     prompts = [tok.encode(tok.prompt("Complete the following Python function.\n```python\n" + p + "```"))
@@ -148,8 +149,8 @@ def hwm():  # peak RSS of this address space in KiB (ru_maxrss would carry the p
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 base = hwm()
 if {which!r} == "ours":
-    import model as M
-    m = M.load_model({path!r}, dtype=torch.float32)
+    import checkpoint as C
+    m = C.load_model({path!r}, dtype=torch.float32)
 else:
     from transformers import LlamaForCausalLM
     m = LlamaForCausalLM.from_pretrained({path!r}, dtype=torch.float32)

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
 import data  # noqa: E402
+import checkpoint as C  # noqa: E402
 import lora as L  # noqa: E402
-import model as M  # noqa: E402
 from default_model import default_model_path  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 from bottleneck import ibft_loss, kl_count  # noqa: E402
@@ -52,7 +52,7 @@ def step(obj, b):
 
 def our_model(path):
     torch.manual_seed(0)
-    m = M.load_model(path)
+    m = C.load_model(path)
     L.inject_lora(m, r=32, alpha=32, dropout=0.05, targets=TARGETS)
     return m.train()
 

@@ -90,7 +90,7 @@ CASES = {
     "head_dim": (5, dict(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), False),
     "rope_dynamic": (6, dict(max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                           "rope_theta": 10000.0}), True),
-    # The other families (model.FAMILY_FLAGS). Qwen2: q/k/v biases, tied, theta 1e6, use_sliding_window=false
+    # The other families (checkpoint.FAMILY_FLAGS). Qwen2: q/k/v biases, tied, theta 1e6, use_sliding_window=false
     # (transformers then saves sliding_window as null; tests/test_golden.py puts a window of 4 back to check that
     # model.py ignores it too).
     "qwen2": (7, dict(tie_word_embeddings=True, sliding_window=4, use_sliding_window=False, max_window_layers=1,

@@ -6,7 +6,7 @@
 
 For every real token it takes the norm of the layer-l* output and divides it by the median norm of its row (the
 ratio bottleneck.sink_mask thresholds). It prints, per position class, how many tokens exceed each threshold and the
-largest ratio outside position 0: the numbers that justify bottleneck.SINK_RATIO (README, "The attention sink").
+largest ratio outside position 0: the numbers that justify bottleneck.SINK_RATIO (docs/train.md, "The attention sink").
 """
 import argparse
 import sys
@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data                                                    # noqa: E402
 from bottleneck import SINK_RATIO                              # noqa: E402
+from checkpoint import load_model                              # noqa: E402
 from cli import read_records                                   # noqa: E402
 from default_model import default_model_path                   # noqa: E402
-from model import load_model                                   # noqa: E402
 from tokenizer import load_tokenizer                           # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "golden"

@@ -51,8 +51,8 @@ def tiny_tokenizer_json() -> dict:
 
 
 def random_state_dict(cfg: dict, seed: int = 0, std: float = 0.08) -> dict:
-    """Random weights for every tensor model.Transformer has under this config (reproduce.random_weights)."""
-    from reproduce import random_weights
+    """Random weights for every tensor model.Transformer has under this config (checkpoint.random_weights)."""
+    from checkpoint import random_weights
     return random_weights(cfg, seed, std)
 
 

@@ -7,13 +7,15 @@ import json
 import pytest
 from safetensors.torch import load_file
 
+import checkpoint
 import evaluate
 import lora
 import mink
+import peft_io
 import train
 from conftest import make_checkpoint
 
-COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mink.py": mink.main, "lora.py merge": lora.main}
+COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mink.py": mink.main, "peft_io.py merge": peft_io.main}
 
 
 def run(prog, argv, capsys):
@@ -40,15 +42,15 @@ def write_data(path, n=8):
 def files(tmp_path):
     """A good checkpoint, its adapter and a data file, and the broken variants of the checkpoint and the adapter."""
     good = make_checkpoint(tmp_path / "good")
-    model = lora.load_model(good, device="cpu")
+    model = checkpoint.load_model(good, device="cpu")
     lora.inject_lora(model, r=4, alpha=8)
-    adapter = lora.save_adapter(model, tmp_path / "adapter")
+    adapter = peft_io.save_adapter(model, tmp_path / "adapter")
     broken_model = make_checkpoint(tmp_path / "broken_model")
     truncate(broken_model / "model.safetensors")
-    broken_adapter = lora.save_adapter(model, tmp_path / "broken_adapter")
-    truncate(broken_adapter / lora.ADAPTER_WEIGHTS)
-    no_weights = lora.save_adapter(model, tmp_path / "no_weights")
-    (no_weights / lora.ADAPTER_WEIGHTS).unlink()
+    broken_adapter = peft_io.save_adapter(model, tmp_path / "broken_adapter")
+    truncate(broken_adapter / peft_io.ADAPTER_WEIGHTS)
+    no_weights = peft_io.save_adapter(model, tmp_path / "no_weights")
+    (no_weights / peft_io.ADAPTER_WEIGHTS).unlink()
     return {"good": good, "adapter": adapter, "data": write_data(tmp_path / "d.jsonl"), "out": tmp_path / "out",
             "broken_model": broken_model, "broken_adapter": broken_adapter, "no_weights": no_weights}
 
@@ -63,12 +65,12 @@ def argv_of(prog, f, model, adapter, he):
                             "--out", str(out / "r.json"), "--generate", "--model", str(model), *extra, "--limit", "1",
                             "--n", "1", "--k", "1", "--m", "1", "--max-new-tokens", "2"],
             "mink.py": ["--model", str(model), *extra, "--data", str(f["data"]), "--out", str(out / "scores.jsonl")],
-            "lora.py merge": ["merge", "--model", str(model), "--adapter", str(adapter or f["adapter"]), "--out",
+            "peft_io.py merge": ["merge", "--model", str(model), "--adapter", str(adapter or f["adapter"]), "--out",
                               str(out / "merged")]}[prog]
 
 
 CASES = [(prog, "broken_model") for prog in COMMANDS] + \
-    [(prog, broken) for prog in ("evaluate.py", "mink.py", "lora.py merge") for broken in ("broken_adapter", "no_weights")]
+    [(prog, broken) for prog in ("evaluate.py", "mink.py", "peft_io.py merge") for broken in ("broken_adapter", "no_weights")]
 
 
 @pytest.mark.parametrize("prog, broken", CASES)
@@ -77,7 +79,7 @@ def test_a_broken_weights_file_is_one_line_naming_it(files, shared_dir, capsys, 
     model = files["broken_model"] if broken == "broken_model" else files["good"]
     adapter = files[broken] if broken != "broken_model" else None
     rc, err = run(prog, argv_of(prog, files, model, adapter, he), capsys)
-    bad_file = model / "model.safetensors" if broken == "broken_model" else adapter / lora.ADAPTER_WEIGHTS
+    bad_file = model / "model.safetensors" if broken == "broken_model" else adapter / peft_io.ADAPTER_WEIGHTS
     want = f"{bad_file}: missing" if broken == "no_weights" else \
         f"{bad_file}: not a readable safetensors file, truncated or corrupt"
     assert rc == 2 and err.startswith(f"{prog}: error: {want}") and len(err.strip().splitlines()) == 1, err
@@ -117,7 +119,7 @@ def test_resume_falls_back_to_the_checkpoint_before_an_unreadable_one(files, cap
             "--layer", "2", "--max-steps", "3", "--save-every", "1", "--batch-size", "2", "--lr", "1e-3"]
     train.main(argv)
     capsys.readouterr()
-    ended = {f: load_file(str(out / f)) for f in (lora.ADAPTER_WEIGHTS, "vib.safetensors")}
+    ended = {f: load_file(str(out / f)) for f in (peft_io.ADAPTER_WEIGHTS, "vib.safetensors")}
     state, old_state = out / "checkpoint" / "trainer_state.pt", out / ".checkpoint.old" / "trainer_state.pt"
     assert [train.torch.load(f, weights_only=True)["step"] for f in (state, old_state)] == [3, 2]
     truncate(state)
@@ -138,7 +140,7 @@ def test_resume_with_no_readable_checkpoint_is_one_line(files, capsys):
             "--max-steps", "2", "--save-every", "1", "--batch-size", "2"]
     train.main(argv)
     capsys.readouterr()
-    adapter, old_state = out / "checkpoint" / lora.ADAPTER_WEIGHTS, out / ".checkpoint.old" / "trainer_state.pt"
+    adapter, old_state = out / "checkpoint" / peft_io.ADAPTER_WEIGHTS, out / ".checkpoint.old" / "trainer_state.pt"
     truncate(adapter)
     truncate(old_state, keep=0)
     rc, err = run("train.py", argv + ["--resume"], capsys)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora
+import peft_io
 import train
 from test_train import run_train, write_data
 
@@ -89,8 +89,8 @@ def test_resume_skips_every_unreadable_checkpoint_for_the_newest_readable(tmp_pa
     rc, err = train_in_process(capsys, *argv)
     assert rc == 0, err
     assert [s for _, s in kept(out)] == [3, 2, 1]
-    ended = {f: load_file(str(out / f)) for f in (lora.ADAPTER_WEIGHTS, "vib.safetensors")}
-    state, adapter = out / "checkpoint" / "trainer_state.pt", out / ".checkpoint.old" / lora.ADAPTER_WEIGHTS
+    ended = {f: load_file(str(out / f)) for f in (peft_io.ADAPTER_WEIGHTS, "vib.safetensors")}
+    state, adapter = out / "checkpoint" / "trainer_state.pt", out / ".checkpoint.old" / peft_io.ADAPTER_WEIGHTS
     state.write_bytes(state.read_bytes()[:100])
     adapter.write_bytes(adapter.read_bytes()[:100])
     rc, err = train_in_process(capsys, *argv, "--resume")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as M
+import checkpoint as C
 from default_model import default_model_path
 import generate as G
 from tokenizer import load_tokenizer
@@ -27,7 +27,7 @@ def default():
         path = default_model_path()
     except (ImportError, ValueError, FileNotFoundError) as e:
         pytest.skip(f"default model unavailable: {e}")
-    return M.load_model(path), load_tokenizer(path)
+    return C.load_model(path), load_tokenizer(path)
 
 
 def test_snippet_nll(default):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import checkpoint as C
 import evaluate as E
 import generate as G
 import mink
@@ -29,8 +30,8 @@ EXAMPLES = [{"instruction": f"Write function {i}.", "response": f"def f{i}(x):\n
 
 
 def test_bf16_greedy_sampling_gives_fp32_tokens_where_the_margin_is_clear(tiny_ckpt):
-    m32 = M.load_model(tiny_ckpt, dtype=torch.float32, device="cpu")
-    m16 = M.load_model(tiny_ckpt, dtype=torch.bfloat16, device="cpu")
+    m32 = C.load_model(tiny_ckpt, dtype=torch.float32, device="cpu")
+    m16 = C.load_model(tiny_ckpt, dtype=torch.bfloat16, device="cpu")
     assert m16.new_caches(1, 4)[0].k.dtype == torch.bfloat16                  # the KV cache follows the weights
     out32 = G.generate(m32, [PROMPT], 8, eos_ids=())[0]
     out16 = G.generate(m16, [PROMPT], 8, eos_ids=())[0]
@@ -117,8 +118,8 @@ def test_bf16_is_refused_without_native_support(tmp_path, tiny_ckpt, monkeypatch
 
 def test_evaluate_generates_with_bf16_weights(tmp_path, shared_dir, tiny_ckpt, monkeypatch):
     monkeypatch.setattr(M, "cpu_flags", lambda: NATIVE)
-    loaded, real = [], M.load_model
-    monkeypatch.setattr(M, "load_model", lambda *a, **k: loaded.append(k.get("dtype")) or real(*a, **k))
+    loaded, real = [], C.load_model
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: loaded.append(k.get("dtype")) or real(*a, **k))
     samples = tmp_path / "s.jsonl"
     assert E.main(["--benchmark", "humaneval", "--samples", str(samples), "--out", str(tmp_path / "r.json"),
                    "--data-dir", str(shared_dir / "data" / "humaneval"), "--generate", "--model", str(tiny_ckpt),

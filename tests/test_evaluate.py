@@ -394,11 +394,12 @@ def test_generation_appends_and_resumes_without_duplicates(tmp_path, shared_dir,
 
 
 def test_generation_with_adapter_and_temperature_study(tmp_path, shared_dir, tiny_ckpt, capsys):
+    import checkpoint as C
     import lora
-    import model as M
-    net = M.load_model(tiny_ckpt)
+    import peft_io
+    net = C.load_model(tiny_ckpt)
     lora.inject_lora(net, r=4, alpha=8)
-    adapter = lora.save_adapter(net, tmp_path / "adapter")
+    adapter = peft_io.save_adapter(net, tmp_path / "adapter")
     s, out = tmp_path / "s.jsonl", tmp_path / "r.json"
     args = gen_args(shared_dir, tiny_ckpt, s, out, "--adapter", str(adapter))
     t = args.index("--temperature")

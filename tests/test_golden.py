@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import load_model
+from checkpoint import load_model
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
 EXPECTED = ["gqa_theta5e5", "head_dim", "mistral_window", "qwen2", "qwen3", "rope_dynamic", "rope_linear", "rope_llama3",

@@ -1,4 +1,4 @@
-"""lora.py: LoRALinear math, injection, merge/unmerge, PEFT-format save/load, and the merge CLI.
+"""lora.py: LoRALinear math, injection, merge/unmerge; peft_io.py: PEFT-format save/load and the merge CLI.
 
 Everything runs on the tiny random checkpoints of conftest.make_checkpoint. Cross-checks against peft and
 transformers run only where those are installed (pytest.importorskip); CI does not install them.
@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from checkpoint import load_model
 from cli import CheckpointError
 from conftest import REPO, make_checkpoint
-from lora import (DEFAULT_TARGETS, LoRALinear, inject_lora, load_adapter, lora_layers, lora_state_dict, main,
-                  merge, save_adapter, unmerge)
-from model import load_model
+from lora import DEFAULT_TARGETS, LoRALinear, inject_lora, lora_layers, lora_state_dict, merge, unmerge
+from peft_io import load_adapter, main, save_adapter
 
 TOKENS = torch.tensor([[5, 17, 200, 31, 99, 4, 250, 7, 64, 3], [1, 80, 81, 82, 300, 12, 13, 14, 2, 2]])
 MASK = torch.tensor([[1] * 10, [1] * 8 + [0] * 2])
@@ -273,7 +273,7 @@ def test_peft_adapter_loads_here(tiny_ckpt, tmp_path):
 # --- merge CLI ---------------------------------------------------------------------------------------------------
 
 def merge_with_cli(tmp_path, **ckpt_overrides):
-    """python lora.py merge (in-process) on a fresh tiny checkpoint; returns (adapted model, base, merged folder)."""
+    """python peft_io.py merge (in-process) on a fresh tiny checkpoint; returns (adapted model, base, merged folder)."""
     ckpt = make_checkpoint(tmp_path / "base", **ckpt_overrides)
     model = adapted(ckpt)
     save_adapter(model, tmp_path / "run")
@@ -336,7 +336,7 @@ def test_merge_cli_errors(tiny_ckpt, tmp_path, capsys):
     # A bad adapter through the real entry point: one line on stderr, exit 2, no output folder, no temp folder.
     (run / "adapter_config.json").write_text(json.dumps({**json.loads((run / "adapter_config.json").read_text()),
                                                          "use_dora": True}))
-    proc = subprocess.run([sys.executable, str(REPO / "lora.py"), "merge", "--model", str(tiny_ckpt),
+    proc = subprocess.run([sys.executable, str(REPO / "peft_io.py"), "merge", "--model", str(tiny_ckpt),
                            "--adapter", str(run), "--out", str(tmp_path / "m2")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "use_dora=True is not supported" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run", "tiny"]

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import cli
+import checkpoint as C
 import mink
-import model as M
 from default_model import default_model_path
 from tokenizer import load_tokenizer
 from conftest import make_checkpoint
@@ -89,7 +89,7 @@ EXAMPLES = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("mink") / "tiny", seed=3)
-    return path, M.load_model(path), load_tokenizer(path)
+    return path, C.load_model(path), load_tokenizer(path)
 
 
 def mask(spec, n):
@@ -286,12 +286,13 @@ def test_cli_rejects_bad_input_naming_file_and_line(tiny, tmp_path, capsys):
 def make_adapter(base_path, out_dir, scale):
     """A LoRA adapter folder for the tiny checkpoint with B = scale * N(0, 1) (scale 0: the base model exactly)."""
     lora = pytest.importorskip("lora")
-    fresh = M.load_model(base_path)
+    peft_io = pytest.importorskip("peft_io")
+    fresh = C.load_model(base_path)
     lora.inject_lora(fresh, r=4, alpha=8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for layer in lora.lora_layers(fresh).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(1)) * scale)
-    return lora.save_adapter(fresh, out_dir)
+    return peft_io.save_adapter(fresh, out_dir)
 
 
 def test_cli_adapter_changes_scores_and_zero_adapter_does_not(tiny, tmp_path):
@@ -385,7 +386,7 @@ def test_cli_geometry(tiny, tmp_path, capsys):
 @pytest.mark.slow
 def test_default_model_scores(shared_dir):
     path = default_model_path()
-    m, tok = M.load_model(path, dtype=torch.float32, device="cpu"), load_tokenizer(path)
+    m, tok = C.load_model(path, dtype=torch.float32, device="cpu"), load_tokenizer(path)
     examples = []
     with open(shared_dir / "data" / "train" / "python_instruct.jsonl") as f:
         for line in f:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint as C
 import model as M
 import generate as G
 from tokenizer import load_tokenizer
@@ -22,7 +23,7 @@ def greedy_by_recompute(m, prompt, steps):
 
 
 def test_kv_cache_greedy_equals_recompute(tiny_ckpt):
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     prompt = [5, 17, 33, 101, 7, 250, 11]
     got = G.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set())
     assert got[0] == greedy_by_recompute(m, prompt, 20)
@@ -32,27 +33,26 @@ def test_family_switches_qkv_bias_and_qk_norm(tiny_ckpt):
     """The family switches (ModelArgs.qkv_bias, qk_norm) add their tensors and run through every path: the model
     names the new tensors (so checkpoints load them), and the KV-cache decoder agrees with recomputation."""
     from conftest import TINY_CONFIG
-    from reproduce import random_weights
-    args = M.ModelArgs.from_config(TINY_CONFIG)
+    args = C.model_args(TINY_CONFIG)
     args.qkv_bias, args.qk_norm = True, True
     with torch.device("meta"):
         names = set(M.Transformer(args).state_dict())
     assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.k_norm.weight"} <= names
     assert "model.layers.0.self_attn.o_proj.bias" not in names                       # o has no bias
     m = M.Transformer(args)
-    weights = random_weights(TINY_CONFIG, seed=3)
+    weights = C.random_weights(TINY_CONFIG, seed=3)
     weights.update({k: torch.randn(v.shape, generator=torch.Generator().manual_seed(4)) * 0.3
                     for k, v in m.state_dict().items() if k not in weights})
     m.load_state_dict(weights)
     m.eval().requires_grad_(False)
     prompt = [5, 17, 33, 101, 7]
     assert G.generate(m, [prompt], max_new_tokens=12, eos_ids=set())[0] == greedy_by_recompute(m, prompt, 12)
-    plain = M.load_model(tiny_ckpt)
+    plain = C.load_model(tiny_ckpt)
     assert not hasattr(plain.model.layers[0].self_attn, "q_norm")                 # llama: neither switch
 
 
 def test_batched_left_padding_equals_alone(tiny_ckpt):
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 100, 200], [42] * 5]
     together = G.generate(m, prompts, max_new_tokens=12, temperature=0.0, eos_ids=set())
     for p, got in zip(prompts, together):
@@ -70,7 +70,7 @@ def test_batched_left_padding_equals_alone(tiny_ckpt):
 
 
 def test_generation_stops_at_eos_and_drops_finished_rows(tiny_ckpt):
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     prompt = [5, 17, 33, 101]
     free = G.generate(m, [prompt], max_new_tokens=15, temperature=0.0, eos_ids=set())[0]
     stop_tok = free[4]
@@ -85,22 +85,22 @@ def test_generation_stops_at_the_checkpoints_eos_ids_without_a_tokenizer(tiny_ck
     """Every EOS id of config.json and generation_config.json (Qwen2.5-Instruct lists two) ends a sample, also
     when generate() is called without a tokenizer; eos_ids=() turns them off."""
     prompt = [5, 17, 33, 101]
-    free = G.generate(M.load_model(tiny_ckpt), [prompt], max_new_tokens=15, eos_ids=())[0]
+    free = G.generate(C.load_model(tiny_ckpt), [prompt], max_new_tokens=15, eos_ids=())[0]
     a, b = list(dict.fromkeys(free))[:2]                    # the first two distinct tokens, a first
     ia, ib = free.index(a), free.index(b)
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     (tiny_ckpt / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 999}))
     (tiny_ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [b, a]}))
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     assert m.config.eos_token_ids == (999, b, a)
     assert G.generate(m, [prompt], max_new_tokens=15)[0] == free[:ia + 1]
     (tiny_ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": b}))
-    assert G.generate(M.load_model(tiny_ckpt), [prompt], max_new_tokens=15)[0] == free[:ib + 1]
+    assert G.generate(C.load_model(tiny_ckpt), [prompt], max_new_tokens=15)[0] == free[:ib + 1]
     assert G.generate(m, [prompt], max_new_tokens=15, eos_ids=())[0] == free
 
 
 def test_stop_strings(tiny_ckpt):
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     tok = load_tokenizer(tiny_ckpt)
     prompt = tok.encode("def f():")
     free = G.generate(m, [prompt], max_new_tokens=20, temperature=0.0, eos_ids=set())[0]
@@ -113,7 +113,7 @@ def test_stop_strings(tiny_ckpt):
 
 
 def test_stop_when_ends_a_sample_after_the_token_it_accepts(tiny_ckpt):
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     prompts = [[5, 6, 7], [8, 9]]
     free = G.generate(m, prompts, max_new_tokens=12, temperature=0.8, n=3, eos_ids=set(), seed=1)
     got = G.generate(m, prompts, max_new_tokens=12, temperature=0.8, n=3, eos_ids=set(), seed=1, batch_size=2,
@@ -125,7 +125,7 @@ def test_stop_when_ends_a_sample_after_the_token_it_accepts(tiny_ckpt):
 
 
 def test_logits_at_and_hidden_layer(tiny_ckpt):
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     ids = torch.randint(3, 300, (2, 10))
     full, h2 = m(ids, hidden_layer=2)
     sel = torch.zeros(2, 10, dtype=torch.bool)
@@ -140,7 +140,7 @@ def test_logits_at_and_hidden_layer(tiny_ckpt):
 
 
 def test_padding_does_not_change_real_positions(tiny_ckpt):
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     row = torch.randint(3, 300, (1, 7))
     alone = m(row)
     padded = torch.cat([torch.full((1, 4), 2), row], dim=1)
@@ -162,19 +162,19 @@ def test_sharded_checkpoint_and_dtypes(tmp_path, tiny_ckpt):
         weight_map.update({n: fname for n in part})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     ids = torch.randint(3, 300, (1, 8))
-    torch.testing.assert_close(M.load_model(out)(ids), M.load_model(tiny_ckpt)(ids), rtol=0, atol=0)
-    bf = M.load_model(tiny_ckpt, dtype=torch.bfloat16)
+    torch.testing.assert_close(C.load_model(out)(ids), C.load_model(tiny_ckpt)(ids), rtol=0, atol=0)
+    bf = C.load_model(tiny_ckpt, dtype=torch.bfloat16)
     assert bf.lm_head.weight.dtype == torch.bfloat16
     assert torch.isfinite(bf(ids).float()).all()
     # a missing shard is named
     (out / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(M.CheckpointError, match="model-00002-of-00002.safetensors"):
-        M.load_model(out)
+    with pytest.raises(C.CheckpointError, match="model-00002-of-00002.safetensors"):
+        C.load_model(out)
 
 
 def test_tied_embeddings_share_storage(tmp_path):
     p = make_checkpoint(tmp_path / "tied", tie_word_embeddings=True)
-    m = M.load_model(p)
+    m = C.load_model(p)
     assert m.lm_head.weight is m.model.embed_tokens.weight
 
 
@@ -193,8 +193,8 @@ def test_bad_config_is_refused(tiny_ckpt, change, match):
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     change(cfg)
     (tiny_ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match=match) as e:
-        M.load_model(tiny_ckpt)
+    with pytest.raises(C.CheckpointError, match=match) as e:
+        C.load_model(tiny_ckpt)
     assert "config.json" in str(e.value)
 
 
@@ -202,16 +202,16 @@ def test_shape_mismatch_names_file_and_tensor(tiny_ckpt):
     sd = load_file(str(tiny_ckpt / "model.safetensors"))
     sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     save_file(sd, str(tiny_ckpt / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match=r"model.safetensors.*up_proj.weight.*shape"):
-        M.load_model(tiny_ckpt)
+    with pytest.raises(C.CheckpointError, match=r"model.safetensors.*up_proj.weight.*shape"):
+        C.load_model(tiny_ckpt)
 
 
 def test_missing_tensor_is_named(tiny_ckpt):
     sd = load_file(str(tiny_ckpt / "model.safetensors"))
     del sd["model.norm.weight"]
     save_file(sd, str(tiny_ckpt / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match="model.norm.weight"):
-        M.load_model(tiny_ckpt)
+    with pytest.raises(C.CheckpointError, match="model.norm.weight"):
+        C.load_model(tiny_ckpt)
 
 
 def test_rope_parameters_layout_equals_legacy(tmp_path):
@@ -225,7 +225,7 @@ def test_rope_parameters_layout_equals_legacy(tmp_path):
     cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
     (new / "config.json").write_text(json.dumps(cfg))
-    a, b = M.load_model(legacy), M.load_model(new)
+    a, b = C.load_model(legacy), C.load_model(new)
     assert a.config.rope_scaling == b.config.rope_scaling and a.config.rope_theta == b.config.rope_theta == 5e5
     ids = torch.randint(3, 300, (1, 40))
     torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=0)
@@ -250,7 +250,7 @@ def test_tokenizer_templates(tiny_ckpt):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tiny_ckpt):
-    m = M.load_model(tiny_ckpt).train()
+    m = C.load_model(tiny_ckpt).train()
     for p in m.model.norm.parameters():
         p.requires_grad_(True)
     for layer in m.model.layers:
@@ -269,7 +269,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_ckpt):
 def test_continuous_batching_refills_and_equals_alone(tiny_ckpt, monkeypatch):
     """Fewer slots than samples and rows of very different lengths: every sample is the one it is alone, whatever
     the batch size, and each prompt is prefilled once."""
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 100, 200, 31, 77], [42] * 5]
     stop = set(range(3, 40))                                    # about 1 token in 8 ends a row
     kw = dict(max_new_tokens=25, temperature=1.0, top_p=0.9, n=3, seed=3, eos_ids=stop)
@@ -289,7 +289,7 @@ def test_continuous_batching_refills_and_equals_alone(tiny_ckpt, monkeypatch):
 
 
 def test_continuous_batching_greedy_equals_recompute(tiny_ckpt):
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     prompts = [[5, 17, 33, 101, 7], [9, 9, 9], [250, 11, 42, 42, 8, 1, 19, 23]]
     refs = [greedy_by_recompute(m, p, 16) for p in prompts]
     eos = {refs[0][2]}                                          # prompt 0 ends early, freeing its slot

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import evaluate as E
+import report
 import reproduce as R
 
 
@@ -60,7 +61,7 @@ def test_metrics_are_recomputable_from_the_committed_files(smoke):
         assert len(jsonl(smoke / f"eval_{run}" / "humaneval.greedy.samples.jsonl")) == p.problems
         assert len(jsonl(smoke / f"eval_{run}" / "humaneval.T0.2.samples.jsonl")) == p.problems * p.n
         assert set(greedy["metrics"]) == {"greedy@1"}
-        counts = R.per_problem_counts(sampled)
+        counts = report.per_problem_counts(sampled)
         assert sorted(n for n, _ in counts.values()) == [p.n] * p.problems
         again, _ = E.compute_metrics(list(counts.values()), p.ks, p.ms, bootstrap=0)
         assert again == pytest.approx(sampled["metrics"])
@@ -91,6 +92,23 @@ def test_report_of_a_run_outside_a_git_checkout(smoke, tmp_path):
     meta_file.write_text(json.dumps(meta))
     assert R.main(["--preset", "smoke", "--out", str(tmp_path), "--stages", "report"]) == 0
     assert "| split | " in (copy / "RESULTS.md").read_text()
+
+
+def test_report_py_rewrites_the_same_report(smoke, tmp_path):
+    """`python report.py FOLDER` alone (no stage, no reproduce.py) writes the RESULTS.md and report.json the report
+    stage wrote, from the folder's preset.json, plan.json and stage files."""
+    import shutil
+    import subprocess
+    import sys
+    copy = tmp_path / "smoke"
+    shutil.copytree(smoke, copy, ignore=shutil.ignore_patterns("work", "RESULTS.md", "report"))
+    plan = json.loads((copy / "plan.json").read_text())
+    assert plan["stages"] == [st.name for st in R.plan(R.PRESETS["smoke"])]
+    assert plan["sweep_chosen"] == R.SWEEP_CHOSEN["smoke"] and plan["labels"]["ibft"] == R.label("ibft")
+    done = subprocess.run([sys.executable, str(R.ROOT / "report.py"), str(copy)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in ("RESULTS.md", "report/report.json"):
+        assert (copy / name).read_text() == (smoke / name).read_text(), name
 
 
 def test_rerun_skips_complete_stages_and_force_redoes_one(smoke, capsys):

@@ -4,7 +4,7 @@ Every hostile test is bounded (short timeouts, 1 GiB memory limit, a fork storm 
 that the harness survived, the outcome, that no process of the sample is left, and that a file outside the sample
 directory is untouched. Tests run with bubblewrap when it works here ("bwrap") and without it ("none"); where the
 fallback cannot stop a guard-bypassing sample (ctypes), the "none" variant uses the plain-Python form that the
-reliability guard stops, as documented in the README.
+reliability guard stops, as documented in docs/evaluate.md.
 """
 import gzip
 import json
@@ -271,7 +271,7 @@ def test_output_flood(mode, outside):
 
 def test_child_started_in_a_new_session(mode, outside):
     if mode == "none":
-        pytest.skip("without bubblewrap a process that starts its own session can outlive the sample (README)")
+        pytest.skip("without bubblewrap a process that starts its own session can outlive the sample (docs/evaluate.md)")
     box = make_box(mode)
     body = ("    import ctypes, time\n    libc = ctypes.CDLL(None)\n    if libc.fork() == 0:\n        libc.setsid()\n"
             "        time.sleep(60)\n        libc._exit(0)\n    return None\n")
@@ -353,7 +353,7 @@ def test_verilog_simulation_that_never_advances_time(mode, outside):
 
 def test_verilog_fopen_outside_the_sample_dir(mode, outside):
     if mode == "none" and os.geteuid() != 0:
-        pytest.skip("without bubblewrap, a non-root caller's files are writable by its samples (README)")
+        pytest.skip("without bubblewrap, a non-root caller's files are writable by its samples (docs/evaluate.md)")
     box = make_box(mode, timeout=20.0)
     design = (f"  integer fd;\n  assign y = a;\n  initial begin\n    fd = $fopen(\"{outside}\", \"w\");\n"
               f"    $fdisplay(fd, \"pwned\");\n    $fclose(fd);\n  end\nendmodule\n")

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import checkpoint as C
 import cli
 import lora as L
 import model as M
 from tokenizer import load_tokenizer
 import train as T
-from bottleneck import IBConfig, VariationalBottleneck, gaussian_kl, ib_terms, ibft_loss, kl_count
+from bottleneck import IBConfig, VariationalBottleneck, gaussian_kl, ibft_loss, kl_count
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +41,13 @@ def write_data(path, n=12, bad_line=None):
     return path
 
 
+STRICT_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
+
+
 def run_train(*args, check=True, env=None, timeout=300):
+    """train.py in a subprocess; by default on one thread with MKL's strict mode, so that two runs compared bit for
+    bit use repeatable CPU kernels (with two threads they sometimes differ: docs/train.md, "Checkpoints")."""
+    env = STRICT_ENV if env is None else env
     p = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], capture_output=True, text=True,
                        cwd=REPO, env=env, timeout=timeout)
     if check and p.returncode != 0:
@@ -115,14 +122,13 @@ def test_linear_cross_entropy_equals_reference():
 
 def test_ib_gradient_reaches_lora_of_layers_up_to_l_star_only(tiny_ckpt):
     layer = 2                                                       # of 4
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     L.inject_lora(m, r=4, alpha=8, dropout=0.0, generator=torch.Generator().manual_seed(0))
     for lin in L.lora_layers(m).values():                           # non-zero B, so A gets gradients too
         torch.nn.init.normal_(lin.lora_B, std=0.05)
     vib = VariationalBottleneck(m.hidden_size, IBConfig(layer=layer, dim=8))
     ids, attn, label, tgt = T.collate([pair([5, 6, 7, 8, 9, 10], 2), pair([11, 12, 13, 14], 1)], 2, "cpu")
-    _, h_l = m.trunk(ids, attn, hidden_layer=layer)
-    kl_sum, ce_ib, _ = ib_terms(m, vib, h_l, attn, label, tgt)
+    _, kl_sum, ce_ib, _ = T.Objective(m, vib, layer)(ids, attn, label, tgt)
     (kl_sum / kl_count(vib.cfg, int(attn.sum()), 2) + 0.02 * ce_ib).backward()   # l_IB alone, Eq. (6)
     for name, lin in L.lora_layers(m).items():
         idx = int(name.split(".")[2])                               # model.layers.<idx>...
@@ -165,7 +171,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, tiny_ckpt, precision):
     data = write_data(tmp_path / "d.jsonl", n=16)
     common = ["--model", tiny_ckpt, "--data", data, "--max-steps", 30, "--lr", 1e-3, "--layer", 2,
               "--method", "ibft", "--save-every", 3, "--epochs", 20, "--precision", precision]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
+    env = STRICT_ENV
     run_train(*common, "--out", tmp_path / "full", env=env)
     state = torch.load(tmp_path / "full" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert bool(state["scaler"]) == (precision == "fp16")
@@ -226,7 +232,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_ckpt):
 
 
 def test_grand_per_example_norms_equal_one_at_a_time_loop(tiny_ckpt):
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     L.inject_lora(m, r=4, alpha=8, dropout=0.05, generator=torch.Generator().manual_seed(0))
     for lin in L.lora_layers(m).values():
         torch.nn.init.normal_(lin.lora_B, std=0.05)                 # both A and B gradients non-zero
@@ -334,7 +340,7 @@ def test_first_step_loss_and_gradient_are_ce_plus_alpha_kl_plus_beta_ce_ib(tmp_p
     got = read_metrics(run)[0]
 
     # The batch: epoch 0's seeded permutation, right-padded.
-    m = M.load_model(tiny_ckpt)
+    m = C.load_model(tiny_ckpt)
     L.inject_lora(m, r=32, alpha=32, dropout=0.0, generator=torch.Generator().manual_seed(seed))   # B = 0
     tok = load_tokenizer(tiny_ckpt)
     rows = [json.loads(x) for x in data.read_text().splitlines()]
@@ -354,7 +360,7 @@ def test_first_step_loss_and_gradient_are_ce_plus_alpha_kl_plus_beta_ce_ib(tmp_p
     logits, h = m(ids, attention_mask=real.long(), hidden_layer=layer)          # (B, T, V), (B, T, H)
     ce = F.cross_entropy(torch.stack([logits[b, t] for b, t in pos]), tgt)     # mean over label tokens
 
-    # q_phi on h (raw, the default) or on RMS-normalized h, log sigma^2 clamped to [-4, 4], KL to N(0, I) from its
+    # q_phi on h (raw) or on RMS-normalized h (the default), log sigma^2 clamped to [-4, 4], KL to N(0, I) from its
     # formula. A random model has no attention sink: excluding sinks (the default) changes nothing here.
     vib0 = VariationalBottleneck(m.hidden_size, IBConfig(layer=layer, dim=d, seed=seed))   # the initial weights
     We, be = vib0.encoder.weight, vib0.encoder.bias
@@ -488,7 +494,7 @@ def test_mink_prune_with_real_scores_keeps_the_least_memorized(tmp_path, tiny_ck
     run = train_here("--model", tiny_ckpt, "--data", data, "--method", "ft", "--prune", "mink", "--keep", 0.8,
                      "--max-steps", 1, "--out", tmp_path / "r")
     kept = json.loads((run / "config.json").read_text())["kept_records"]
-    scores = mink.score_examples(M.load_model(tiny_ckpt), load_tokenizer(tiny_ckpt), cli.read_records(data)[0])
+    scores = mink.score_examples(C.load_model(tiny_ckpt), load_tokenizer(tiny_ckpt), cli.read_records(data)[0])
     dropped = sorted(set(range(10)) - set(kept))
     assert len(kept) == 8 and max(scores[i] for i in dropped) < min(scores[i] for i in kept)
 
@@ -620,15 +626,15 @@ def test_exclude_sink_removes_exactly_the_sinks_terms():
 
 @pytest.mark.slow
 def test_the_sink_rule_marks_position_0_on_the_default_model():
-    """bottleneck.SINK_RATIO on SmolLM2-135M-Instruct at layer 20 (README, "The attention sink"): the first token of
-    every example and nothing else."""
+    """bottleneck.SINK_RATIO on SmolLM2-135M-Instruct at layer 20 (docs/train.md, "The attention sink"): the first
+    token of every example and nothing else."""
     from bottleneck import sink_mask
     from default_model import default_model_path
     try:
         path = default_model_path()
     except (ImportError, ValueError, FileNotFoundError) as e:
         pytest.skip(f"default model unavailable: {e}")
-    m, tok = M.load_model(path), load_tokenizer(path)
+    m, tok = C.load_model(path), load_tokenizer(path)
     records, where = cli.read_records(REPO / "data" / "default_instruct.jsonl")
     import data as D
     examples, _, _ = D.encode(tok, records[:6], where[:6], D.detect_format(records, "d"), 2048)

@@ -1,0 +1,158 @@
+"""evaluate.py --shard I/N: data-parallel generation whose merged shards are byte for byte one run's samples, the
+merge's score equal to that run's, and the merge's refusals (a missing or overlapping shard, a bad --shard)."""
+import json
+
+import evaluate as E
+
+
+def he(shared_dir, *extra):
+    return ["--benchmark", "humaneval", "--data-dir", str(shared_dir / "data" / "humaneval"), "--workers", "2",
+            "--bootstrap", "200", *extra]
+
+
+def gen(shared_dir, ckpt, *extra):
+    """Five problems, three samples each, through four sampler slots: the shards batch their samples differently."""
+    return he(shared_dir, "--generate", "--model", str(ckpt), "--limit", "5", "--n", "3", "--k", "1", "3", "--m", "2",
+              "3", "--max-new-tokens", "6", "--temperature", "0.8", "--batch-size", "4", *extra)
+
+
+def by_task(path) -> dict:
+    """task_id -> that problem's lines (bytes, in file order)."""
+    out = {}
+    for line in path.read_bytes().splitlines(keepends=True):
+        out.setdefault(json.loads(line)["task_id"], []).append(line)
+    return out
+
+
+def test_two_shards_merge_to_one_runs_samples_and_score(tmp_path, shared_dir, tiny_ckpt, capsys):
+    full, s = tmp_path / "full.jsonl", tmp_path / "s.jsonl"
+    assert E.main(gen(shared_dir, tiny_ckpt, "--samples", str(full), "--out", str(tmp_path / "full.json"))) == 0
+    for i in (1, 2):
+        assert E.main(gen(shared_dir, tiny_ckpt, "--samples", str(s), "--shard", f"{i}/2")) == 0
+    assert "score them in one command" in capsys.readouterr().out
+    one, two = tmp_path / "s.shard1of2.jsonl", tmp_path / "s.shard2of2.jsonl"
+    assert not s.exists() and sorted(p.name for p in tmp_path.glob("*.json")) == ["full.json"]
+    ids = [p["task_id"] for p in E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:5]]
+    assert list(by_task(one)) == ids[0::2] and list(by_task(two)) == ids[1::2]      # round robin, j mod 2
+
+    # The union, in the unsharded file's order of problems, is that file byte for byte.
+    want, shards = by_task(full), {**by_task(one), **by_task(two)}
+    assert sorted(want) == sorted(ids) and all(len(v) == 3 for v in want.values())
+    assert b"".join(line for t in want for line in shards[t]) == full.read_bytes()
+
+    # Resumable per problem, as unsharded generation is: a lost problem and half a line are regenerated alike.
+    before = two.read_bytes()
+    lines = before.splitlines(keepends=True)
+    two.write_bytes(b"".join(lines[:3]) + lines[3][:20])
+    assert E.main(gen(shared_dir, tiny_ckpt, "--samples", str(s), "--shard", "2/2")) == 0
+    assert two.read_bytes() == before
+
+    # Scoring both files (--samples A --samples B) merges them: the metrics of the unsharded run's score.
+    merged = tmp_path / "merged.json"
+    assert E.main(he(shared_dir, "--limit", "5", "--k", "1", "3", "--m", "2", "3", "--samples", str(two),
+                     "--samples", str(one), "--out", str(merged))) == 0
+    a, b = json.loads((tmp_path / "full.json").read_text()), json.loads(merged.read_text())
+    assert (b["metrics"], b["intervals"], b["outcomes"]) == (a["metrics"], a["intervals"], a["outcomes"])
+    assert b["samples_files"] == [str(two), str(one)] and b["n_problems"] == 5 and not b["subset"]
+    assert [x["task_id"] for x in b["samples"]] == [t for t in ids for _ in range(3)]      # the benchmark's order
+    assert sorted((x["task_id"], x["outcome"]) for x in b["samples"]) == \
+        sorted((x["task_id"], x["outcome"]) for x in a["samples"])
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_shards_and_flags_are_one_line_errors(tmp_path, shared_dir, capsys):
+    probs = E.load_problems("humaneval", shared_dir / "data" / "humaneval")[:4]
+    line = [{"task_id": p["task_id"], "completion": p["canonical_solution"], "temperature": 0.2} for p in probs]
+    out = tmp_path / "r.json"
+    score = ["--limit", "4", "--k", "1", "--m", "1", "--out", str(out)]
+
+    def refused(argv, says):
+        assert E.main(he(shared_dir, *argv)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("evaluate.py: error: ") and err.count("\n") == 1 and says in err, err
+        assert not out.exists()
+
+    s = tmp_path / "s.jsonl"
+    for bad in ("3/2", "0/0", "1/0", "0/2", "2", "a/b", "1/2/3"):
+        refused(["--generate", "--samples", str(s), "--shard", bad], f"--shard {bad}: expected I/N with 1 <= I <= N")
+    refused(["--samples", str(s), "--shard", "1/2", *score], "--shard only applies with --generate")
+    refused(["--generate", "--samples", str(s), "--shard", "1/2", *score], "--shard only generates")
+    refused(["--samples", str(s)], "--out (the results JSON) is required")
+    refused(["--generate", "--samples", str(s), "--limit", "2", "--shard", "3/3"], "2 problems cannot fill 3 shards")
+    assert not list(tmp_path.glob("s*.jsonl"))                  # nothing generated by a refused command
+
+    one = write(tmp_path / "s.shard1of2.jsonl", line[0::2])
+    two = write(tmp_path / "s.shard2of2.jsonl", line[1::2])
+    refused(["--samples", str(one), *score], f"missing shard 2 of 2: {two}")
+    three = [write(tmp_path / f"t.shard{i}of3.jsonl", line[i - 1::3]) for i in (1, 3)]
+    refused(["--samples", *map(str, three), *score], f"missing shard 2 of 3: {tmp_path / 't.shard2of3.jsonl'}")
+    (tmp_path / "copy").mkdir()
+    again = write(tmp_path / "copy" / "s.shard1of2.jsonl", line[0::2])
+    refused(["--samples", str(one), str(two), str(again), *score],
+            f"overlapping shards: {one} and {again} are both shard 1/2")
+    refused(["--samples", str(one), str(two), str(one), *score], f"--samples {one}: given twice")
+    wrong = write(tmp_path / "w.shard1of2.jsonl", line[0::2] + line[1:2])
+    refused(["--samples", str(wrong), str(write(tmp_path / "w.shard2of2.jsonl", line[3:4])), *score],
+            f"{wrong}: holds {probs[1]['task_id']}, a problem of shard 2/2")
+    short = write(tmp_path / "u.shard2of2.jsonl", line[1:2])
+    refused(["--samples", str(write(tmp_path / "u.shard1of2.jsonl", line[0::2])), str(short), *score],
+            f"{short}: 1 of the 2 problems of shard 2/2 have no samples (first: {probs[3]['task_id']})")
+    a, b = write(tmp_path / "a.jsonl", line[:3]), write(tmp_path / "b.jsonl", line[2:])
+    refused(["--samples", str(a), str(b), *score], f"overlapping shards: {a} and {b} both hold samples of "
+                                                   f"{probs[2]['task_id']}")
+    hot = write(tmp_path / "hot.jsonl", [{**r, "temperature": 0.8} for r in line[3:]])
+    refused(["--samples", str(a), str(hot), *score], f"{a} and {hot}: samples at different temperatures (0.2, 0.8)")
+    refused(["--samples", str(one), str(a), *score], "merge either the shard files of one --shard run")
+
+    # What is allowed: all the shards, and any files that share no problem; both score as the one whole file does.
+    whole = write(tmp_path / "whole.jsonl", line)
+    assert E.main(he(shared_dir, "--samples", str(whole), *score)) == 0
+    want = json.loads(out.read_text())["metrics"]
+    for files in ([two, one], [b, write(tmp_path / "c.jsonl", line[:2])]):
+        out.unlink()
+        assert E.main(he(shared_dir, "--samples", *map(str, files), *score)) == 0
+        assert json.loads(out.read_text())["metrics"] == want and want["pass@1"] == 1.0
+
+
+def test_reproduce_on_two_processes(tmp_path, capfd):
+    """reproduce.py --devices 2 on the CPU (gloo): train_ft through torchrun keeps FT's global batch and steps; eval_ft
+    as two shard processes gives one process's samples (in the benchmark's order) and scores."""
+    import shutil
+
+    import reproduce as R
+    one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
+    stages = ["--preset", "smoke", "--stages", "split,train_ft,eval_ft"]
+    assert R.main([*stages, "--out", str(one)]) == 0
+    assert R.main([*stages, "--out", str(two), "--devices", "2"]) == 0
+    a, b = one / "smoke", two / "smoke"
+    cfg = json.loads((b / "train_ft" / "config.json").read_text())
+    assert (cfg["world_size"], cfg["global_batch_size"], cfg["grad_accum"], cfg["batch_size"]) == (2, 4, 1, 2)
+    la, lb = ([json.loads(x)["loss"] for x in (r / "train_ft" / "metrics.jsonl").read_text().splitlines()]
+              for r in (a, b))
+    # Step 1 (LoRA's B = 0: dropout cannot act yet) agrees to rounding; after it each process draws its own LoRA
+    # dropout masks, so the runs differ by more than DDP's rounding (yet little, on this tiny model).
+    assert len(la) == len(lb) == 4 and abs(la[0] - lb[0]) < 1e-5 * la[0] and la != lb
+    assert all(abs(x - y) < 1e-3 * x for x, y in zip(la, lb))
+
+    # The same adapter evaluated on two processes: one process's samples (reordered) and scores.
+    shutil.copytree(one, again)
+    assert R.main(["--preset", "smoke", "--stages", "eval_ft", "--force", "eval_ft", "--out", str(again),
+                   "--devices", "2"]) == 0
+    c = again / "smoke"
+    printed = capfd.readouterr().out
+    assert all(f"humaneval.{t}.samples.shard{i}of2.jsonl: shard {i}/2 done" in printed for t in ("greedy", "T0.2")
+               for i in (1, 2))
+    assert not (c / "eval_ft" / "shards").exists()                                  # merged, then removed
+    for tag in ("greedy", "T0.2"):
+        sa, sc = (r / "eval_ft" / f"humaneval.{tag}.samples.jsonl" for r in (a, c))
+        assert sorted(sa.read_text().splitlines()) == sorted(sc.read_text().splitlines())
+        ids = [json.loads(x)["task_id"] for x in sc.read_text().splitlines()]
+        assert ids == sorted(ids, key=lambda t: int(t.split("/")[1]))               # the benchmark's order
+        ra, rc = (json.loads((r / "eval_ft" / f"humaneval.{tag}.results.json").read_text()) for r in (a, c))
+        assert (ra["metrics"], ra["intervals"], ra["outcomes"]) == (rc["metrics"], rc["intervals"], rc["outcomes"])
+        assert sorted((x["task_id"], x["outcome"]) for x in ra["samples"]) == \
+            sorted((x["task_id"], x["outcome"]) for x in rc["samples"])
