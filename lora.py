@@ -11,6 +11,8 @@ Evol-CodeAlpaca). One adapted linear layer computes
 
 A starts Kaiming-uniform and B at zero, so an adapted model starts out computing exactly the base model.
 Merging folds the update into the weight, W' = W + scaling * B A, so inference costs nothing extra.
+Dropout masks come from the global RNG, or, inside keyed_dropout (as train.py trains), from a key per example and
+module, so that N DDP processes draw the masks one process would.
 
 Module names, parameter shapes and target matching follow PEFT (lora_state_dict's keys are PEFT's,
 `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r)); the files, adapter_model.safetensors
@@ -23,6 +25,7 @@ References:
   - Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023, arXiv:2312.03732 (rsLoRA).
   - huggingface/peft (`src/peft/tuners/lora/layer.py`, `model.py`): module names, Kaiming-uniform A, target rules.
 """
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -44,16 +47,25 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (Lo
 class LoRADropout(nn.Module):
     """Inverted dropout, x * (u >= p) / (1 - p) with u ~ U[0, 1): the same distribution as nn.Dropout, but its mask
     comes from torch.rand, which on the CPU costs about 60% of what nn.Dropout's Bernoulli draw does (measured: a
-    (1055, 1536) fp32 mask in 6.3 ms vs 10.9 ms on one core). Seven of these per layer were 9% of a LoRA step."""
+    (1055, 1536) fp32 mask in 6.3 ms vs 10.9 ms on one core). Seven of these per layer were 9% of a LoRA step.
+
+    By default u comes from the global RNG. Inside `keyed_dropout` (train.py) each row b of x (B, T, in) draws its
+    own u for its real positions only, from a generator seeded by mix64(key_b, this module's index): the mask then
+    depends on neither the process holding the row, nor its batch companions, nor the padding, and activation
+    checkpointing's recomputation draws it again exactly (it restores the global RNG only)."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.rows = None   # keyed_dropout: (a seed per row, its real length); None: the global RNG
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        drop = torch.rand_like(x) < self.p                     # a bool mask: autograd keeps 1 byte per element
+        if self.rows is None:
+            drop = torch.rand_like(x) < self.p                 # a bool mask: autograd keeps 1 byte per element
+        else:
+            drop = row_masks(x, *self.rows, self.p)
         return x.masked_fill(drop, 0.0).mul_(1.0 / (1.0 - self.p))
 
     def extra_repr(self):
@@ -138,6 +150,54 @@ class LoRALinear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Dropout keyed by example: the same masks for a row on any number of processes (DDP)
+# --------------------------------------------------------------------------------------------------------------
+
+_M64 = (1 << 64) - 1
+
+
+def mix64(*xs: int) -> int:
+    """A 64-bit hash of the integers xs: one SplitMix64 step per integer (Steele, Lea and Flood, OOPSLA 2014)."""
+    z = 0
+    for x in xs:
+        z = ((z ^ (x & _M64)) + 0x9E3779B97F4A7C15) & _M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        z ^= z >> 31
+    return z
+
+
+def row_masks(x: torch.Tensor, seeds, lengths, p: float) -> torch.Tensor:
+    """(B, T, in) bool drop mask of a right-padded x: u < p, where row b's first lengths[b] positions draw u from a
+    generator seeded with seeds[b], as one contiguous (lengths[b], in) block, which padding does not change (CUDA's
+    Philox output depends on the size drawn); padding is never dropped. The CPU generator (mt19937) uses the seed's
+    low 32 bits only."""
+    if x.dim() != 3 or x.shape[0] != len(seeds):
+        raise ValueError(f"lora.py: keyed dropout needs (B, T, in) input with one key per row: got {tuple(x.shape)} "
+                         f"for {len(seeds)} keys")
+    u = torch.ones(x.shape, dtype=torch.float32, device=x.device)
+    g = torch.Generator(x.device)
+    for b, (seed, n) in enumerate(zip(seeds, lengths)):
+        u[b, :n].uniform_(generator=g.manual_seed(seed))                   # (n, in), contiguous
+    return u < p
+
+
+@contextlib.contextmanager
+def keyed_dropout(model: nn.Module, keys, lengths):
+    """Within the block, the i-th LoRADropout of `model` (module order) draws row b's mask from mix64(keys[b], i) and
+    lengths[b], the row's real tokens (see LoRADropout). Keep the backward pass inside too: activation checkpointing
+    recomputes the forward there."""
+    mods = [m for m in model.modules() if isinstance(m, LoRADropout)]
+    for i, m in enumerate(mods):
+        m.rows = ([mix64(k, i) for k in keys], list(lengths))
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.rows = None
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Injection by module name
 # --------------------------------------------------------------------------------------------------------------
 
@@ -198,7 +258,8 @@ def _find_targets(model: nn.Module, cfg: LoRAConfig) -> list[tuple[str, nn.Linea
     return found
 
 
-def inject_lora(model: nn.Module, r: int = 32, alpha: float = 32, dropout: float = 0.05,
+def inject_lora(model: nn.Module, r: int = LoRAConfig.r, alpha: float = LoRAConfig.alpha,
+                dropout: float = LoRAConfig.dropout,
                 targets=DEFAULT_TARGETS, rslora: bool = False, layers=None,
                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> list[str]:
     """Replace every nn.Linear whose name matches `targets` (in `layers`, if given) by a LoRALinear; freeze

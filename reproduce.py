@@ -88,6 +88,7 @@ class Preset:
     pairs: int = 1000                   # Fig. 5
     model: Optional[str] = None         # None: the embedded default (smoke: a tiny random checkpoint)
     seed: int = 0
+    dropout_masks: str = "example"      # train.py --dropout-masks (laptop: "process", its runs predate keyed masks)
     core: tuple = ()                    # stages run by default; --stages all adds the rest
     rates: dict = field(default_factory=dict)   # for --dry-run: tokens/s of scoring, training, generation
 
@@ -103,7 +104,7 @@ PRESETS = {
     "laptop": Preset(
         name="laptop", data=str(SHARED_DATA / "train" / "python_instruct.jsonl"), n_train=80, n_heldout=80,
         max_len=384, epochs=3, batch_size=4, lr=1e-4, lora_r=32, lora_alpha=64, alpha=0.1, beta=0.01, layer=20,
-        benchmarks=("humaneval",), core=CORE,
+        benchmarks=("humaneval",), core=CORE, dropout_masks="process",
         rates={"score": 480.0, "train": 90.0, "generate": 150.0, "tokens_per_sample": 150,
                "where": "measured, 2-core CPU"}),
     # Appendix C.1 (OriGen) and C.2 as written: a user's 7B checkpoint and OriGen-format data on GPUs.
@@ -143,7 +144,8 @@ def train_flags(p: Preset, run: str, n_ft_steps: int) -> list:
     flags = ["--method", "ibft" if run.startswith("ibft") else "ft", "--layer", str(p.layer),
              "--epochs", str(p.epochs), "--batch-size", str(p.batch_size), "--lr", str(p.lr),
              "--lora-r", str(p.lora_r), "--lora-alpha", str(p.lora_alpha), "--alpha", str(p.alpha),
-             "--beta", str(p.beta), "--max-len", str(p.max_len), "--seed", str(p.seed)]
+             "--beta", str(p.beta), "--max-len", str(p.max_len), "--seed", str(p.seed),
+             "--dropout-masks", p.dropout_masks]
     if run.startswith("ibft"):                          # the study's runs: q_phi's input as named, the sink kept
         flags += ["--ib-input", "raw" if run == "ibft_raw" else "norm", "--ib-sink", "keep"]
     keep = 0.8 if run == "grand" else (1 - int(run[4:]) / 100 if run.startswith("mink") else 1.0)
@@ -906,6 +908,7 @@ def check_preset_unchanged(s: Study):
     f = s.out / "preset.json"
     if f.exists():
         before = read_json(f)
+        before["preset"].setdefault("dropout_masks", "process")   # written before the field: per-process masks
         diff = sorted(k for k in set(before["preset"]) | set(now["preset"])
                       if before["preset"].get(k) != now["preset"].get(k))
         diff += [k for k in ("model", "data_sha256") if before.get(k) != now[k]]

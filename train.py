@@ -73,7 +73,8 @@ DEFAULT_DATA = REPO / "data" / "default_instruct.jsonl"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="LoRA fine-tuning: FT or IB-FT (information-bottleneck regularized).")
     p.add_argument("--method", default="ibft", help="ft (Eq. (1)) or ibft (Eq. (IB-FT))")
-    p.add_argument("--layer", type=int, default=20, help="l*: bottleneck the output of this decoder block (1..L-1)")
+    p.add_argument("--layer", type=int, default=IBConfig.layer,
+                   help="l*: bottleneck the output of this decoder block (1..L-1)")
     add_model_flags(p, FAMILIES, adapter=False)
     p.add_argument("--data", default=None, help="JSONL or JSON instruction data (default: data/default_instruct.jsonl)")
     p.add_argument("--instruction-field", default=None, help="field of the instruction (default: the format is "
@@ -106,12 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "each epoch's permutation is sorted by length in windows of 16 micro-batches, cut, and the "
                    "micro-batches shuffled; every example still once per epoch")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--lora-r", type=int, default=32)
-    p.add_argument("--lora-alpha", type=float, default=32)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-r", type=int, default=lora.LoRAConfig.r)
+    p.add_argument("--lora-alpha", type=float, default=lora.LoRAConfig.alpha)
+    p.add_argument("--lora-dropout", type=float, default=lora.LoRAConfig.dropout)
     p.add_argument("--lora-targets", default=",".join(lora.DEFAULT_TARGETS),
                    help="comma-separated module names LoRA adapts (Appendix C.1: all seven projections)")
     p.add_argument("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--dropout-masks", default="example", choices=("example", "process"),
+                   help="where the LoRA dropout masks come from: example (default): keyed by (seed, step, example), "
+                        "so N processes draw what one process would; process: each process's global RNG, seeded "
+                        "seed + rank, as before keyed masks existed (the laptop study's protocol)")
     p.add_argument("--alpha", type=float, default=None,
                    help=f"IB weight alpha in Eq. (IB-FT) (default {IBConfig.alpha:g}, chosen by the sensitivity sweep for "
                         f"the normalized q_phi input (README, 'When does IB-FT act?'); the paper: 0.1 on the raw input, "
@@ -119,17 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=IBConfig.beta,
                    help="IB trade-off beta in Eq. (6) (paper: 0.02 OriGen, 0.01 Evol-CodeAlpaca; the authors' released "
                         "code runs 0.01)")
-    p.add_argument("--bottleneck-dim", type=int, default=256, help="latent size d")
-    p.add_argument("--kl-reduction", default="mean", choices=["mean", "sum"],
+    p.add_argument("--bottleneck-dim", type=int, default=IBConfig.dim, help="latent size d")
+    p.add_argument("--kl-reduction", default=IBConfig.kl_reduction, choices=["mean", "sum"],
                    help="mean over latent dims and tokens (authors' code) or sum over dims")
-    p.add_argument("--kl-normalizer", default="real", choices=["real", "padded"],
+    p.add_argument("--kl-normalizer", default=IBConfig.kl_normalizer, choices=["real", "padded"],
                    help="what the KL sum is divided by: real: the real (non-padding) tokens of the step; padded: "
                         "micro-batch rows x --kl-pad-to, as the authors' code, whose KL mean runs over batches padded "
                         "to 2048 tokens (an effective KL weight of about alpha x T_real / 2048). Either way x latent "
                         "dims under --kl-reduction mean")
-    p.add_argument("--kl-pad-to", type=int, default=2048,
+    p.add_argument("--kl-pad-to", type=int, default=IBConfig.kl_pad_to,
                    help="the padded length per row that --kl-normalizer padded divides by (authors' code: 2048)")
-    p.add_argument("--logvar-clamp", type=float, default=4.0, help="clamp log sigma^2 to [-c, c]; 0 disables")
+    p.add_argument("--logvar-clamp", type=float, default=IBConfig.logvar_clamp,
+                   help="clamp log sigma^2 to [-c, c]; 0 disables")
     p.add_argument("--ib-head-norm", action="store_true", help="apply the final RMSNorm before the IB branch's LM head")
     p.add_argument("--ib-input", default=None, choices=["raw", "norm"],
                    help="what q_phi reads: norm (default): the hidden state RMS-normalized first, chosen by the "
@@ -243,7 +249,9 @@ def collate(examples, pad_id, device):
 
 def micro_batches(n, batch_size, world, epochs, seed, lengths=None, window=16):
     """The whole run's sequence of global micro-batches (lists of example indices), epoch after epoch; each
-    epoch is a fresh seeded permutation. Rank r takes slice r of each global micro-batch.
+    epoch is a fresh seeded permutation. Rank r takes slice r of each global micro-batch (shard); the plan depends on
+    batch_size x world only, so N processes train on one process's micro-batches, a short last one included (a
+    process whose slice of it is empty runs a dummy row weighted 0, step_batches).
     With lengths (--group-by-length: example i has lengths[i] tokens), each run of window x batch examples of the
     permutation is sorted by length, longest first, before it is cut, so a micro-batch pads its rows to a similar
     length; then the micro-batches are shuffled by the epoch's generator (a short last one stays last). An epoch
@@ -259,7 +267,6 @@ def micro_batches(n, batch_size, world, epochs, seed, lengths=None, window=16):
         if lengths is not None:
             full = n // g                                           # the full micro-batches; a short one stays last
             batches = [batches[i] for i in torch.randperm(full, generator=gen).tolist()] + batches[full:]
-        batches = [b for b in batches if len(b) >= world]          # every process needs at least one example
         if epoch + 1 > epochs:                                      # a fractional last epoch
             batches = batches[:int(len(batches) * (epochs - epoch))]
         out += batches
@@ -689,7 +696,8 @@ def setup(args) -> Run:
     tok = load_tokenizer(model_path, family=args.template)
     fmt, examples, source, stats = load_examples(args, tok, data_path)
 
-    # LoRA, the data selection baselines, the bottleneck; then the dropout stream of this process.
+    # LoRA, the data selection baselines, the bottleneck; then this process's global RNG (the LoRA dropout masks of
+    # training do not draw from it: they are keyed by example, dropout_keys).
     kept, targets = add_lora_and_select(args, model, examples, tok.pad_id)
     examples = [examples[i] for i in kept]
     model.gradient_checkpointing = args.gradient_checkpointing
@@ -734,31 +742,52 @@ def setup(args) -> Run:
     return run
 
 
+def dropout_keys(seed: int, step: int, global_batches) -> list:
+    """One LoRA dropout key per example of each global micro-batch of optimizer step `step`: mix64 of the seed, the
+    step, the example's index and how often it came earlier in the step (a step may span two epochs). A process
+    keys its rows with its shard of them (lora.keyed_dropout), so N processes draw the masks one process would."""
+    seen, keys = {}, []
+    for b in global_batches:
+        keys.append([lora.mix64(seed, step, i, seen.get(i, 0)) for i in b])
+        for i in b:
+            seen[i] = seen.get(i, 0) + 1
+    return keys
+
+
 def step_batches(run: Run, step: int) -> tuple:
-    """This process's micro-batches of optimizer step `step`, each one's bottleneck noise slice, and the step's
-    token counts over all micro-batches and processes (label, real, rows), known before any forward pass."""
+    """This process's micro-batches of optimizer step `step`, whether each is real (not a dummy row), each one's
+    bottleneck noise slice and dropout keys and row lengths, and the step's token counts over all micro-batches and
+    processes (label, real, rows), known before any forward pass."""
     world, rank, examples = run.world, run.rank, run.examples
     global_batches = run.plan[step * run.grad_accum:(step + 1) * run.grad_accum]
-    batches = [collate([examples[i] for i in shard(b, rank, world)], run.tok.pad_id, run.device)
-               for b in global_batches]
+    keys = dropout_keys(run.args.seed, step, global_batches)
+    # A process whose slice of a global micro-batch is empty (an epoch's last one can hold fewer examples than
+    # processes) still runs forward and backward, as DDP's all-reduce needs every process: on a dummy row, the
+    # micro-batch's first example, weighted 0.0 (real[j] False: optimizer_step zeroes its sums, the counts skip it).
+    mine = [(shard(b, rank, world), shard(k, rank, world)) for b, k in zip(global_batches, keys)]
+    real = [bool(s) for s, _ in mine]
+    mine = [(s, k) if s else (b[:1], bk[:1]) for (s, k), b, bk in zip(mine, global_batches, keys)]
+    batches = [collate([examples[i] for i in s], run.tok.pad_id, run.device) for s, _ in mine]
     # Label rows of each process's slice, so that every process draws the bottleneck noise of the whole
-    # global micro-batch and uses its own rows of it (see VariationalBottleneck.sample).
+    # global micro-batch and uses its own rows of it (see VariationalBottleneck.sample); a dummy row, the first's.
     noise = []
-    for b in global_batches:
+    for b, ok in zip(global_batches, real):
         n = [sum(sum(examples[i][1]) for i in shard(b, r, world)) for r in range(world)]
-        noise.append((sum(n[:rank]), sum(n)))
-    counts = torch.tensor([float(sum(int(lab.sum()) for _, _, lab, _ in batches)),
-                           float(sum(int(attn.sum()) for _, attn, _, _ in batches)),
-                           float(sum(ids.shape[0] for ids, _, _, _ in batches))], device=run.device)
+        noise.append((sum(n[:rank]) if ok else 0, sum(n)))
+    rows = [(k, [len(examples[i][0]) for i in s]) for s, k in mine]
+    counted = [x for x, ok in zip(batches, real) if ok]
+    counts = torch.tensor([float(sum(int(lab.sum()) for _, _, lab, _ in counted)),
+                           float(sum(int(attn.sum()) for _, attn, _, _ in counted)),
+                           float(sum(ids.shape[0] for ids, _, _, _ in counted))], device=run.device)
     if world > 1:
         dist.all_reduce(counts)
-    return batches, noise, counts.tolist()
+    return batches, real, noise, rows, counts.tolist()
 
 
 def optimizer_step(run: Run, step: int, last_good) -> dict:
     """Alg. 1 for one optimizer step: forward and backward every micro-batch of the step with the loss normalized
     by the whole step's counts, then clip, AdamW and the schedule. Returns the step's metrics record."""
-    batches, noise, (n_label, n_real, n_rows) = step_batches(run, step)
+    batches, real, noise, rows, (n_label, n_real, n_rows) = step_batches(run, step)
     ib_cfg = run.vib.cfg if run.vib is not None else None                 # None: plain FT
     n_kl = kl_count(ib_cfg, n_real, n_rows) if ib_cfg is not None else 1.0
     diag = ib_cfg is not None and run.args.diag_every > 0 and (step == 0 or (step + 1) % run.args.diag_every == 0)
@@ -766,9 +795,14 @@ def optimizer_step(run: Run, step: int, last_good) -> dict:
     for j, (ids, attn, label, tgt) in enumerate(batches):
         sync = j == len(batches) - 1 or run.world == 1
         ctx = run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext()
-        with ctx:
+        keyed = lora.keyed_dropout(run.model, *rows[j]) if run.args.dropout_masks == "example" \
+            else contextlib.nullcontext()                   # --dropout-masks process: the global RNG, as nn.Dropout
+        with ctx, keyed:                                    # the backward too: checkpointing redraws the masks
             with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
                 ce_sum, kl_sum, ce_ib_sum, stats = run.ddp(ids, attn, label, tgt, noise[j])
+                if not real[j]:                            # a dummy row (step_batches): it counts for nothing
+                    ce_sum, kl_sum, ce_ib_sum = ce_sum * 0.0, kl_sum * 0.0, ce_ib_sum * 0.0
+                    stats = {k: v * 0.0 for k, v in stats.items() if k != "labels_kept"}
                 loss, *_ = ibft_loss(ce_sum, kl_sum, ce_ib_sum, n_label, n_kl, ib_cfg)  # Eq. (1) or (IB-FT)
             if diag:                                       # the IB terms' own gradient, while the graph is alive
                 g_ib = ib_gradient(run, ib_penalty(kl_sum, ce_ib_sum, n_label, n_kl, ib_cfg), g_ib)

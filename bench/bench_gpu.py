@@ -8,10 +8,11 @@ built on the meta device and materialized on the device in bf16, its weights dra
 rest N(0, s^2), named by model.Transformer itself as checkpoint.random_weights does). One JSON object goes to stdout
 and to --out; progress to stderr. Parts (--parts), each on a fresh model:
   train     LoRA r 32 / alpha 32 / dropout 0.05 on the seven projections (lora.inject_lora), batch 2 x 2048 random
-            tokens, every next token a label; train.py's step on CUDA (bf16 autocast, the loss through
-            bottleneck.ibft_loss / kl_count, gradient clipping, AdamW): IB-FT at layer 20 (a VariationalBottleneck,
-            d 256) and plain FT, each without and with gradient checkpointing. Per configuration: the median step time
-            of --steps after --warmup, tokens/s, MFU and peak memory (torch.cuda.max_memory_allocated).
+            tokens, every next token a label; train.py's step on CUDA (bf16 autocast, the LoRA dropout masks keyed by
+            example as train.optimizer_step draws them, the loss through bottleneck.ibft_loss / kl_count, gradient
+            clipping, AdamW): IB-FT at layer 20 (a VariationalBottleneck, d 256) and plain FT, each without and with
+            gradient checkpointing. Per configuration: the median step time of --steps after --warmup, tokens/s, MFU
+            and peak memory (torch.cuda.max_memory_allocated).
   generate  generate.generate at 64 slots: 64 random prompts of 128 tokens, 512 new tokens each (EOS disabled),
             T 0.2, top-p 0.95: new tokens/s over the whole call (prefill included), and the decode rate without the
             prefill (the 512-token call minus a 1-token call).
@@ -24,6 +25,7 @@ scores and values (PaLM's count, the causal half not subtracted), backward = 2 x
 "6 x" convention); the recomputation of gradient checkpointing is not counted. --peak-tflops: H200 bf16 dense, 989.
 """
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -135,6 +137,7 @@ def bench_train_config(model, vib, batch, shape, device, checkpointing, peak_tfl
     cfg = vib.cfg if vib is not None else None
     n_label, n_real, n_rows = float(label.sum()), float(attn.sum()), float(ids.shape[0])
     n_kl = kl_count(cfg, n_real, n_rows) if cfg is not None else 1.0
+    keys = T.dropout_keys(0, 0, [list(range(ids.shape[0]))])[0]       # one key per row, as train.step_batches gives
 
     def loss_fn():
         ce_sum, kl_sum, ce_ib_sum, _ = objective(ids, attn, label, tgt)
@@ -144,16 +147,19 @@ def bench_train_config(model, vib, batch, shape, device, checkpointing, peak_tfl
     flops = 6 * forward_weights(objective) + 12 * c.num_layers * c.hidden_size * ids.shape[1]
     return {"impl": "ours", "method": "ibft" if vib is not None else "ft", "gradient_checkpointing": checkpointing,
             **timed_steps(loss_fn, lambda: T.clip_gradients(params, 1.0), opt, ids.numel(), flops, shape, device,
-                          peak_tflops)}
+                          peak_tflops, lambda: L.keyed_dropout(model, keys, attn.sum(1).tolist()))}
 
 
-def timed_steps(loss_fn, clip, opt, tokens, flops, shape, device, peak_tflops) -> dict:
+def timed_steps(loss_fn, clip, opt, tokens, flops, shape, device, peak_tflops,
+                dropout=contextlib.nullcontext) -> dict:
     """The same optimizer step for both sides (bf16 autocast forward, backward, clipping, AdamW), timed: the median
-    of shape["steps"] after shape["warmup"], tokens/s, MFU, peak memory and the last loss."""
+    of shape["steps"] after shape["warmup"], tokens/s, MFU, peak memory and the last loss. dropout() is entered around
+    forward and backward (ours: lora.keyed_dropout, as in train.optimizer_step; peft draws its own masks)."""
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_fn()
-        loss.backward()
+        with dropout():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = loss_fn()
+            loss.backward()
         clip()
         opt.step()
         opt.zero_grad(set_to_none=True)

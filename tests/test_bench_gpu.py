@@ -88,3 +88,22 @@ def test_device_check_dry_run_on_the_cpu(tmp_path):
         assert part in json.loads((tmp_path / f"{part}.json").read_text())
     assert sorted(f.name for f in tmp_path.iterdir()) == ["check.log", "generate.json", "hf.json", "nvidia-smi.txt",
                                                           "train.json", "versions.json"]
+
+
+def test_our_train_step_draws_train_pys_keyed_dropout_masks(monkeypatch):
+    """Forward and backward (gradient checkpointing's recomputation too) run under lora.keyed_dropout, as in
+    train.optimizer_step, so the check times the masks train.py draws."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    keyed, forward = [], bench.L.LoRADropout.forward
+
+    def spy(self, x):
+        keyed.append(self.rows is not None)
+        return forward(self, x)
+
+    monkeypatch.setattr(bench.L.LoRADropout, "forward", spy)
+    res = bench.part_train(dict(bench.TINY, steps=1, warmup=0), torch.device("cpu"), 989.0)
+    assert len(res["configs"]) == 4 and all("error" not in c for c in res["configs"])
+    assert keyed and all(keyed)
