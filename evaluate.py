@@ -487,7 +487,7 @@ def generate_samples(args, benchmark: str, problems: list, path: Path, temperatu
     # A sample ends at EOS, a stop string, max_new_tokens, or once its first code block closes (all that is scored).
     G.generate(net, prompts, args.max_new_tokens, temperature=temperature, top_p=args.top_p, n=args.n,
                stop_strings=stops or None, tokenizer=tok, seed=args.seed, batch_size=args.batch_size,
-               on_prompt_done=save, stop_when=first_block_closed(tok))
+               on_prompt_done=save, stop_when=first_block_closed(tok), compile=args.compile)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -653,6 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", help="torch device for generation (default: CUDA when available, else the CPU)")
     g.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help=DTYPE_HELP)
+    g.add_argument("--compile", action="store_true", help="compile the sampler's decode step with torch.compile "
+                   "(generate.CompiledStep; its compilations and their time go to stderr)")
     return ap
 
 
@@ -684,8 +686,8 @@ def generate_shard(args, problems: list, all_ids: set, i: int, n: int) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if (args.model or args.adapter or args.template or args.dtype) and not args.generate:
-            raise UsageError("--model/--adapter/--template/--dtype only apply with --generate")
+        if (args.model or args.adapter or args.template or args.dtype or args.compile) and not args.generate:
+            raise UsageError("--model/--adapter/--template/--dtype/--compile only apply with --generate")
         if args.generate and args.n < max(args.k):
             raise UsageError(f"--n {args.n} is smaller than --k {max(args.k)}: pass@k needs k <= n")
         too_big = args.m_given and any(m > max(args.k) for m in args.m)       # a default m above K is left out

@@ -6,6 +6,8 @@ Each sample depends only on (seed, prompt tokens, sample index), never on what i
 depend on batch_size or order. Greedy at temperature 0. The decoder steps are model.Transformer.prefill/decode.
 """
 import hashlib
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,46 @@ def _nucleus_pick(p, idx, top_p, u):
     return idx.gather(-1, pick).squeeze(-1)
 
 
+class CompiledStep:
+    """model.decode_step compiled by torch.compile (inductor), generate(compile=True)'s decoder step, as gpt-fast
+    compiles its decode step. Its shapes: the slot count A (tokens, pos, bias dim 0) and the attended length S (bias
+    dim 3) change from step to step, the caches' rows and length from run to run; all are marked dynamic, so one
+    compilation serves a run, and later runs on the same model reuse it (the weights' shapes are fixed). A single
+    slot runs as two (the second a free cache row, written at position 0 and its logits dropped): torch specializes
+    a dimension of size 1, which would compile again. fullgraph: a graph break is an error, not a silent eager part.
+    Counts its compilations (graphs dynamo built during its calls) and their time (the calls that compiled)."""
+
+    def __init__(self, model):
+        from torch._dynamo.utils import counters                   # imported with torch.compile, not with torch
+        self.fn = torch.compile(model.decode_step, dynamic=False, fullgraph=True)
+        self.graphs = counters["stats"]                             # ["unique_graphs"]: graphs dynamo has built
+        self.compiles, self.compile_s, self.steps = 0, 0.0, 0
+
+    def __call__(self, tokens, pos, inv, bias, kv):
+        """model.decode_step's arguments, for slots 0..A-1; the caches must have a free row A when A = 1."""
+        A = len(tokens)
+        if A == 1:
+            tokens, pos, bias = (torch.cat([t, torch.zeros_like(t)]) for t in (tokens, pos, bias))
+        for t in (tokens, pos, bias):
+            torch._dynamo.maybe_mark_dynamic(t, 0)                  # A
+        torch._dynamo.maybe_mark_dynamic(bias, 3)                   # S
+        for t in (t for pair in kv for t in pair):                  # a run's rows and length: another run's differ
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        graphs, t = self.graphs["unique_graphs"], time.perf_counter()
+        out = self.fn(tokens, pos, inv, bias, kv)
+        new = self.graphs["unique_graphs"] - graphs
+        if new:
+            self.compiles += new
+            self.compile_s += time.perf_counter() - t
+        self.steps += 1
+        return out[:A]
+
+    def report(self) -> str:
+        return (f"compiled decode step: {self.compiles} compilation(s) in {self.compile_s:.1f} s over {self.steps} "
+                f"steps (torch recompiles a function at most {torch._dynamo.config.cache_size_limit} times)")
+
+
 @dataclass
 class _Sample:
     """One sample in flight: its place in generate's output, its prompt length, its generator, its new tokens."""
@@ -85,8 +127,10 @@ class _Slots:
     0..A-1, so a finished sample's slot is refilled by the next pending one, or, when none is left, the last slot's
     sample moves into it (compact)."""
 
-    def __init__(self, model, size, max_len):
-        self.caches = model.new_caches(size, max_len)
+    def __init__(self, model, size, max_len, spare=False):
+        # spare: one more cache row than slots, never a slot's, for CompiledStep: slots 0..A-1 are then never the
+        # whole cache (a compiled step would be specialized on that), and a single slot can run as two
+        self.caches = model.new_caches(size + spare, max_len)
         self.size = size
         self.rows = []                                              # slot -> _Sample, or None for a free slot
 
@@ -115,7 +159,7 @@ class _Slots:
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eos_ids=None, stop_strings=None,
-             tokenizer=None, seed=0, batch_size=64, on_prompt_done=None, stop_when=None) -> list:
+             tokenizer=None, seed=0, batch_size=64, on_prompt_done=None, stop_when=None, compile=False) -> list:
     """Sample n continuations of each prompt (lists of token ids). Returns len(prompts) * n lists of new tokens,
     prompt-major, each ending at (and including) EOS, the token that completed a stop string, or the token after
     which stop_when(new tokens so far) first returned True. EOS ids: by default every one the checkpoint names
@@ -127,7 +171,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eo
     one takes its slot, so the batch stays full until the work runs out. Each distinct prompt is prefilled once
     (with the other prompts starting then, right-padded) and its KV copied into a slot for each of its n samples.
     `seed` may be an int or one int per prompt; sample j of a prompt draws from its own generator (_row_seed), so
-    the results do not depend on batch_size or on the other prompts."""
+    the results do not depend on batch_size or on the other prompts.
+    compile=True runs each decoding step through a torch.compile'd model.decode_step (CompiledStep; the same greedy
+    tokens, logits equal to rounding) and prints its compilations and their time to stderr; the prefill and the
+    sampling stay eager. A CompiledStep instead of True is used as it is (its counts go on from call to call)."""
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode with")
     if any(len(p) == 0 for p in prompts):
@@ -160,7 +207,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eo
         return done
 
     pending = [(i, j) for i in range(len(prompts)) for j in range(n)][::-1]   # pop() takes the next one
-    slots = _Slots(model, max(1, batch_size), max(len(p) for p in prompts) + max_new_tokens)
+    slots = _Slots(model, max(1, batch_size), max(len(p) for p in prompts) + max_new_tokens, spare=bool(compile))
+    step = compile if isinstance(compile, CompiledStep) else CompiledStep(model) if compile else None
     prefilled = {}                                                  # prompt -> (last logits (V,), caches, row)
     while pending or slots.rows:
         # Refill: the next pending samples take the free slots; their new prompts are prefilled together.
@@ -191,10 +239,12 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, n=1, eo
         rows = slots.rows
         tokens = torch.tensor([s.tokens[-1] for s in rows], device=device)
         pos = torch.tensor([s.pos for s in rows], device=device)
-        logits = model.decode(tokens, pos, slots.caches)
+        logits = model.decode(tokens, pos, slots.caches, step)
         for slot, (sample, t) in enumerate(zip(rows, sample_next(logits, temperature, top_p,
                                                                   [s.gen for s in rows]).tolist())):
             sample.tokens.append(t)
             if finished(sample):
                 rows[slot] = None
+    if step is not None:
+        print(step.report(), file=sys.stderr, flush=True)
     return out

@@ -97,9 +97,11 @@ def rope_inv_freq(args: ModelArgs, seq_len: int, device=None) -> torch.Tensor:
     return inv
 
 
-def rope_cos_sin(args: ModelArgs, positions: torch.Tensor, dtype) -> tuple:
-    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T), computed in fp32."""
-    inv = rope_inv_freq(args, int(positions.max()) + 1, positions.device)
+def rope_cos_sin(args: ModelArgs, positions: torch.Tensor, dtype, inv=None) -> tuple:
+    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T), computed in fp32. inv: rope_inv_freq's
+    frequencies when the caller has them (a compiled decode step: no data-dependent max inside the graph)."""
+    if inv is None:
+        inv = rope_inv_freq(args, int(positions.max()) + 1, positions.device)
     angles = positions.float()[..., None] * inv                          # (B, T, D/2)
     emb = torch.cat([angles, angles], dim=-1)[:, None]                   # (B, 1, T, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -142,12 +144,6 @@ class KVCache(nn.Module):
         self.k[:, :, start:start + T] = k
         self.v[:, :, start:start + T] = v
         return self.k[:, :, :start + T], self.v[:, :, :start + T]
-
-    def append(self, pos, k, v):
-        """Write one token per row: k, v (A, n_kv, D) of rows 0..A-1 at their own positions pos (A,)."""
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, :, pos] = k
-        self.v[rows, :, pos] = v
 
     def copy_row(self, dst, src, length, src_cache=None):
         """Row dst, positions 0..length-1 := row src of src_cache (default: this cache)."""
@@ -193,18 +189,21 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim))
 
-    def decode(self, x, cos, sin, bias, cache, pos):
+    def decode(self, x, cos, sin, bias, kv, pos):
         """One new token per sampler slot: x (A, 1, H) for slots 0..A-1 at positions pos (A,). Writes the token's
-        k, v into the slot's cache row and attends to that row's positions 0..S-1 with bias (A, 1, 1, S): 0 where
-        visible (key position <= pos), -inf after. Grouped-query attention without repeating k, v: the g = nh/nkv
-        query heads of a kv head are its rows of one matmul."""
+        k, v into the slot's row of kv (a KVCache's k and v tensors) and attends to that row's positions 0..S-1
+        with bias (A, 1, 1, S): 0 where visible (key position <= pos), -inf after. Grouped-query attention without
+        repeating k, v: the g = nh/nkv query heads of a kv head are its rows of one matmul."""
         A, c = x.shape[0], self.config
         nkv, D = c.num_kv_heads, c.head_dim
         q, k, v = self.qkv(x[:, 0])                                                   # (A, nh or nkv, D)
         q, k = apply_rope(q[:, :, None], cos, sin), apply_rope(k[:, :, None], cos, sin)   # (A, nh or nkv, 1, D)
-        cache.append(pos, k.view(A, nkv, D), v)
+        cache_k, cache_v = kv                                                         # (rows, nkv, S_max, D)
+        rows = torch.arange(A, device=x.device)
+        cache_k[rows, :, pos] = k.view(A, nkv, D)                                     # row b at its position pos[b]
+        cache_v[rows, :, pos] = v
         S = bias.shape[-1]
-        keys, values = cache.k[:A, :, :S], cache.v[:A, :, :S]                         # (A, nkv, S, D), views
+        keys, values = cache_k[:A, :, :S], cache_v[:A, :, :S]                         # (A, nkv, S, D), views
         q = q.view(A, nkv, c.num_heads // nkv, D) * D ** -0.5                         # (A, nkv, g, D)
         scores = torch.matmul(q, keys.transpose(-1, -2)) + bias                       # (A, nkv, g, S)
         y = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), values)  # (A, nkv, g, D)
@@ -234,9 +233,9 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, bias, cache, pos):
+    def decode(self, x, cos, sin, bias, kv, pos):
         """forward() for one new token per sampler slot (Attention.decode)."""
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, bias, cache, pos)
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, bias, kv, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -357,20 +356,28 @@ class Transformer(nn.Module):
         last = torch.tensor([len(p) - 1 for p in prompts], device=device)
         return self.logits(h[torch.arange(len(prompts), device=device), last]), caches
 
-    def decode(self, tokens, pos, caches):
+    def decode(self, tokens, pos, caches, step=None):
         """One decoding step for sampler slots 0..A-1: tokens (A,) at positions pos (A,) (= the slot's cache length).
-        Returns logits (A, V)."""
+        Returns logits (A, V). The data-dependent part (how far the longest slot reaches) is worked out here; the
+        rest is decode_step, or `step`, a compiled decode_step (generate's compile=True)."""
         S = int(pos.max()) + 1                                    # attend to no more cache than the longest slot
-        x = self.model.embed_tokens(tokens)[:, None]              # (A, 1, H)
-        cos, sin = rope_cos_sin(self.config, pos[:, None], x.dtype)   # (A, 1, 1, D)
+        inv = rope_inv_freq(self.config, S, pos.device)           # (D/2,)
         key_pos = torch.arange(S, device=pos.device)
-        bias = torch.zeros((len(pos), 1, 1, S), dtype=x.dtype, device=pos.device)
+        bias = torch.zeros((len(pos), 1, 1, S), dtype=self.model.embed_tokens.weight.dtype, device=pos.device)
         hidden = key_pos > pos[:, None]                           # (A, S): the future
         if self.config.sliding_window is not None:
             hidden |= key_pos <= pos[:, None] - self.config.sliding_window   # and what left the window
         bias.masked_fill_(hidden[:, None, None], float("-inf"))
-        for layer, cache in zip(self.model.layers, caches):
-            x = layer.decode(x, cos, sin, bias, cache, pos)
+        return (step or self.decode_step)(tokens, pos, inv, bias, [(c.k, c.v) for c in caches])
+
+    def decode_step(self, tokens, pos, inv, bias, kv):
+        """decode() once the longest slot is known, with plain tensors only (what torch.compile can treat as
+        dynamic): RoPE frequencies inv (D/2,), the additive mask bias (A, 1, 1, S), 0 where a slot sees a key, -inf
+        elsewhere, and per layer its cache's (k, v) tensors."""
+        x = self.model.embed_tokens(tokens)[:, None]              # (A, 1, H)
+        cos, sin = rope_cos_sin(self.config, pos[:, None], x.dtype, inv)   # (A, 1, 1, D)
+        for layer, layer_kv in zip(self.model.layers, kv):
+            x = layer.decode(x, cos, sin, bias, layer_kv, pos)
         return self.step_logits(x[:, 0])
 
     def step_logits(self, h, chunk=2048):
@@ -380,6 +387,8 @@ class Transformer(nn.Module):
         if type(self.lm_head) is not nn.Linear:                  # e.g. a LoRA-wrapped head: call it as it is
             return self.logits(h)
         h, w = self.model.norm(h), self.lm_head.weight
+        if torch.compiler.is_compiling():                        # matmul(out=) breaks a compiled graph
+            return torch.cat([h @ w[i:i + chunk].t() for i in range(0, w.shape[0], chunk)], dim=-1)
         out = torch.empty((h.shape[0], w.shape[0]), dtype=h.dtype, device=h.device)
         for i in range(0, w.shape[0], chunk):
             torch.matmul(h, w[i:i + chunk].t(), out=out[:, i:i + chunk])

@@ -22,10 +22,20 @@
    written in full, prompts are prefilled and slots refilled, but no long decode is run).
 5. --reference: transformers' generate on the same problems (one call per problem, num_return_sequences = 10),
    top_k = 0, the same sampling settings; needs `pip install -r bench/requirements.txt`.
+6. --compile: items 2 and 3 also through the compiled decode step (generate(compile=...), torch.compile), eager and
+   compiled runs interleaved (which goes first alternates), --reps of each, medians. The compilation (into a fresh
+   inductor cache, what a first run pays; --warm-cache: into the user's, what a later run pays) is timed on its
+   own, before, and added to the compiled runs' time in the end-to-end figures; it is compiled once and serves
+   every later run (the count over all runs is printed last). --compile-only: item 6 alone.
+
+    python bench/bench_generate.py --compile [--compile-only] [--warm-cache] [--reps 3] [--problems 12]
 """
 import argparse
+import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,15 +77,73 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def full_batch_decode(m, prompts, rows):
+def full_batch_decode(m, prompts, rows, compile=False, warm=True):
     """Decode tokens/s at `rows` rows, no EOS, prefill excluded (64-token run minus 1-token run)."""
     P = -(-rows // N)
     run = lambda k: G.generate(m, prompts[:P], k, temperature=T, top_p=TOP_P, n=N, eos_ids=set(),  # noqa: E731
-                               seed=0, batch_size=rows)
-    run(2)                                                               # warm-up
+                               seed=0, batch_size=rows, compile=compile)
+    if warm:
+        run(2)                                                           # warm-up
     _, t1 = timed(lambda: run(1))
     _, t64 = timed(lambda: run(64))
     return P * N * 63 / (t64 - t1), t64
+
+
+def compare_compiled(m, tok, prompts, args):
+    """Item 6: eager against the compiled decode step, interleaved, args.reps runs of each, medians."""
+    if args.warm_cache:
+        return _compare_compiled(m, tok, prompts, args)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="bench_generate_inductor_") as fresh:   # what a first run compiles
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh
+        try:
+            return _compare_compiled(m, tok, prompts, args)
+        finally:
+            if before is None:
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+def _compare_compiled(m, tok, prompts, args):
+    step = G.CompiledStep(m)
+    P = -(-args.batch_size // N)
+    warm_up = lambda comp: timed(lambda: G.generate(m, prompts[:P], 2, temperature=T, top_p=TOP_P, n=N,  # noqa: E731
+                                                    eos_ids=set(), seed=0, batch_size=args.batch_size, compile=comp))
+    t_warm = warm_up(step)[1]
+    compile_s = step.compile_s
+    cache = "the user's inductor cache" if args.warm_cache else "a fresh inductor cache"
+    print(f"compile: {step.compiles} compilation(s) of the decode step, {compile_s:.1f} s ({cache}; the first "
+          f"compiled call took {t_warm:.1f} s)")
+    warm_up(False)
+    modes = [("eager", False), ("compiled", step)]
+    rates = {"eager": [], "compiled": []}
+    for r in range(args.reps):
+        for k, comp in modes[::(-1) ** r]:                               # alternate which goes first
+            rates[k].append(full_batch_decode(m, prompts, args.batch_size, compile=comp, warm=False)[0])
+    e, c = (statistics.median(rates[k]) for k in ("eager", "compiled"))
+    print(f"full-batch decode, {args.batch_size} rows, 64 tokens, no EOS, medians of {args.reps}: eager {e:.1f} "
+          f"tok/s, compiled {c:.1f} tok/s: {c / e:.3f}x  (eager {[round(r, 1) for r in rates['eager']]}, "
+          f"compiled {[round(r, 1) for r in rates['compiled']]})")
+    work = prompts[:args.problems]
+    stop = {"stop_when": evaluate.first_block_closed(tok)}
+    for name, extra in (("evaluation-shaped", {}), ("as evaluate.py runs it", stop)):
+        secs, kept = {"eager": [], "compiled": []}, {}
+        for r in range(args.reps):
+            for k, comp in modes[::(-1) ** r]:
+                outs, t = timed(lambda: G.generate(m, work, MAX_NEW, temperature=T, top_p=TOP_P, n=N, tokenizer=tok,
+                                                   seed=0, batch_size=args.batch_size, compile=comp, **extra))
+                secs[k].append(t)
+                kept.setdefault(k, sum(len(o) for o in outs))
+        e, c = (statistics.median(secs[k]) for k in ("eager", "compiled"))
+        print(f"{name}, {args.problems} problems x {N}, medians of {args.reps}: eager {e:.1f} s "
+              f"({kept['eager'] / e:.1f} tok/s), compiled {c:.1f} s ({kept['compiled'] / c:.1f} tok/s; kept tokens "
+              f"{kept['eager']} and {kept['compiled']}): {e / c:.3f}x; end to end with the compilation "
+              f"{c + compile_s:.1f} s: {e / (c + compile_s):.3f}x  (eager {[round(x, 1) for x in secs['eager']]}, "
+              f"compiled {[round(x, 1) for x in secs['compiled']]})")
+        print(f"  projected full HumanEval (164 problems x {N}): eager {e / args.problems * 164 / 60:.1f} min, "
+              f"compiled {(c / args.problems * 164 + compile_s) / 60:.1f} min with one compilation")
+    print(f"compile total: {step.compiles} compilation(s) over {step.steps} compiled steps (all runs)")
 
 
 def matmul_ceiling(m, rows, reps=7):
@@ -142,7 +210,16 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS child process")
     ap.add_argument("--reference", action="store_true", help="also time transformers' generate (if installed)")
+    ap.add_argument("--compile", action="store_true", help="also eager against the compiled decode step (item 6)")
+    ap.add_argument("--reps", type=int, default=3, help="with --compile: interleaved runs of each (medians)")
+    ap.add_argument("--warm-cache", action="store_true", help="with --compile: compile into the user's inductor "
+                    "cache (what a later run pays) instead of a fresh one (what a first run pays)")
+    ap.add_argument("--compile-only", action="store_true", help="with --compile: skip items 2-5 (only item 6)")
     args = ap.parse_args()
+    if args.reps < 1:
+        ap.error(f"--reps {args.reps}: must be at least 1")
+    if (args.warm_cache or args.compile_only) and not args.compile:
+        ap.error("--warm-cache and --compile-only apply with --compile")
     if args.threads:
         torch.set_num_threads(args.threads)
     path = default_model_path()
@@ -151,6 +228,9 @@ def main():
     prompts = humaneval_prompts(tok, max(args.problems, -(-args.batch_size // N)))
     print(f"default model {path.name}: {n_params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads")
 
+    if args.compile_only:
+        compare_compiled(m, tok, prompts, args)
+        return
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
 
@@ -186,6 +266,9 @@ def main():
         kept_hf, t_hf = reference(path, work, tok)
         print(f"transformers generate (one call per problem): {kept_hf} kept tokens in {t_hf:.1f} s: "
               f"{kept_hf / t_hf:.1f} tok/s; wall-time ratio {t_hf / t:.2f}x")
+
+    if args.compile:
+        compare_compiled(m, tok, prompts, args)
 
 
 if __name__ == "__main__":
