@@ -671,6 +671,44 @@ SECTIONS = (section_table1, section_fig3, section_mechanism, section_sweep, sect
             section_fig4, section_fig5, section_fig6)
 
 
+RUNS_CSV_TRAIN = ("steps", "loss", "ce", "kl", "ce_ib", "eval_nll", "ib_share_median", "rate", "sink_share")
+
+
+def runs_table(c: Collected) -> list:
+    """One row per complete training stage (train_*, sweep_*, barrier_* but memorize) with its last step's numbers and
+    the median ib_share, and per complete evaluation (eval_*, temps_*) with its metrics: report/runs.csv, for
+    comparing runs in a spreadsheet. Every value is read from the stage's own metrics.jsonl or results files."""
+    rows = []
+    for name in c.done:
+        d = c.s.stage_dir(name)
+        if name.startswith(("train_", "sweep_", "barrier_")) and (d / "metrics.jsonl").is_file():
+            m = read_jsonl(d / "metrics.jsonl")
+            shares = [r["ib_share"] for r in m if "ib_share" in r]
+            last = {**m[-1], "steps": m[-1]["step"], "ib_share_median": float(np.median(shares)) if shares else None,
+                    "eval_nll": next((r["eval_nll"] for r in reversed(m) if "eval_nll" in r), None)}
+            rows.append({"stage": name, **{k: last.get(k) for k in RUNS_CSV_TRAIN}})
+        elif name.startswith(("eval_", "temps_")):
+            for f in sorted(d.glob("*.results.json")):
+                res = read_json(f)
+                bench_tag = f.name[:-len(".results.json")]
+                rows.append({"stage": name, "results": bench_tag,
+                             **{k: res["metrics"][k] for k in res["metrics"]}})
+    return rows
+
+
+def write_runs_csv(path: Path, rows: list):
+    """rows (dicts) as CSV, the columns in order of first appearance; empty cells where a row lacks a column."""
+    import csv
+    import io
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
+    write_text(path, buf.getvalue())
+
+
 def write_report(out) -> Path:
     """RESULTS.md, report/report.json and the figures of the study folder `out`; returns RESULTS.md's path."""
     s = StudyFolder(out)
@@ -698,6 +736,7 @@ def write_report(out) -> Path:
             "Not run yet: " + (", ".join(pending) if pending else "none") + "."]
     write_text(s.out / "RESULTS.md", "\n\n".join(["\n".join(head)] + sections + ["\n".join(tail)]) + "\n")
     write_json(figs / "report.json", numbers)
+    write_runs_csv(figs / "runs.csv", runs_table(c))
     return s.out / "RESULTS.md"
 
 

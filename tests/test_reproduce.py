@@ -79,6 +79,15 @@ def test_report_agrees_with_the_stage_outputs(smoke):
     ft = json.loads((smoke / "eval_ft" / "humaneval.T0.2.results.json").read_text())
     assert numbers["table1"]["humaneval/ft"]["metrics"]["pass@2"] == ft["metrics"]["pass@2"]
     assert set(numbers["mechanism"]["quintiles"]) == {"ft", "ibft", "ibft_raw"}
+    import csv                                          # runs.csv: every run's final numbers, from its own files
+    rows = list(csv.DictReader((smoke / "report" / "runs.csv").open()))
+    last = jsonl(smoke / "train_ft" / "metrics.jsonl")[-1]
+    ft_row = next(r for r in rows if r["stage"] == "train_ft")
+    assert int(ft_row["steps"]) == last["step"] and float(ft_row["loss"]) == last["loss"]
+    greedy = json.loads((smoke / "eval_ft" / "humaneval.greedy.results.json").read_text())
+    row = next(r for r in rows if r["stage"] == "eval_ft" and r["results"] == "humaneval.greedy")
+    assert float(row["greedy@1"]) == greedy["metrics"]["greedy@1"]
+    assert {r["stage"] for r in rows} >= {f"train_{x}" for x in R.runs(R.PRESETS["smoke"])[1:]}
 
 
 def test_report_of_a_run_outside_a_git_checkout(smoke, tmp_path):
