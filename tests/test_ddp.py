@@ -4,7 +4,6 @@ redraws it exactly; and 2 torchrun processes with the default dropout train the 
 when an epoch ends with a micro-batch of fewer examples than processes (a process with no example runs a dummy row
 weighted 0)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +18,17 @@ from safetensors.torch import load_file
 import checkpoint as C
 import lora as L
 import train as T
+from test_train import STRICT_ENV, run_train, write_data
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_data(path, n=16):
-    rows = [json.dumps({"instruction": f"Write function number {i} that returns {i * 7}.",
-                        "response": f"def f{i}():\n    return {i * 7}\n"}) for i in range(n)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+def torchrun(port, *args):
+    """train.py on 2 gloo processes (torchrun), each on one thread in MKL's strict mode, as run_train runs one."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), str(REPO / "train.py"), *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                       env=STRICT_ENV, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def dropouts(n, p):
@@ -121,16 +122,8 @@ def test_two_process_ddp_with_dropout_matches_one_process(tmp_path, tiny_ckpt):
     --lora-dropout 0.05: the same adapter and losses to DDP's rounding (the two sum gradients in another order)."""
     data = write_data(tmp_path / "d.jsonl", n=16)
     common = ["--model", tiny_ckpt, "--data", data, "--max-steps", 3, "--lr", 1e-3, "--layer", 2, "--method", "ibft"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="AUTO,STRICT")
-
-    def run(*argv):
-        p = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=REPO, env=env,
-                           timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-
-    run(REPO / "train.py", *common, "--batch-size", 4, "--out", tmp_path / "one")
-    run("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29531, REPO / "train.py", *common,
-        "--batch-size", 1, "--global-batch-size", 4, "--out", tmp_path / "two")      # 2 processes x 1 x 2 accum
+    run_train(*common, "--batch-size", 4, "--out", tmp_path / "one")
+    torchrun(29531, *common, "--batch-size", 1, "--global-batch-size", 4, "--out", tmp_path / "two")  # 2 x 1 x 2 accum
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
     assert (cfg["world_size"], cfg["grad_accum"], cfg["global_batch_size"], cfg["lora_dropout"]) == (2, 2, 4, 0.05)
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
@@ -186,16 +179,8 @@ def test_two_processes_on_an_epoch_with_a_one_example_tail_match_one_process(tmp
     common = ["--model", tiny_ckpt, "--data", data, "--epochs", 2, "--grad-accum", 3, "--lr", 1e-4, "--layer", 2,
               "--method", "ibft", "--kl-normalizer", "padded", "--kl-pad-to", 64, "--max-len", 64,
               "--diag-every", 1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="AUTO,STRICT")
-
-    def run(*argv):
-        p = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=REPO, env=env,
-                           timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-
-    run(REPO / "train.py", *common, "--batch-size", 4, "--out", tmp_path / "one")
-    run("-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", 29537, REPO / "train.py", *common,
-        "--batch-size", 2, "--out", tmp_path / "two")
+    run_train(*common, "--batch-size", 4, "--out", tmp_path / "one")
+    torchrun(29537, *common, "--batch-size", 2, "--out", tmp_path / "two")
     cfg = [json.loads((tmp_path / r / "config.json").read_text()) for r in ("one", "two")]
     assert [(c["world_size"], c["global_batch_size"], c["total_steps"]) for c in cfg] == [(1, 12, 3), (2, 12, 3)]
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
@@ -216,17 +201,13 @@ def test_dropout_masks_process_draws_from_the_global_rng(tmp_path, tiny_ckpt):
     laptop preset passes it."""
     import reproduce as R
     data = write_data(tmp_path / "d.jsonl", n=8)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="AUTO,STRICT")
     adapters = {}
     for name, extra in (("example", []), ("process", ["--dropout-masks", "process"]),
                         ("example0", ["--lora-dropout", 0]), ("process0", ["--lora-dropout", 0, "--dropout-masks",
                                                                            "process"])):
         out = tmp_path / name
-        p = subprocess.run([sys.executable, str(REPO / "train.py"), "--model", str(tiny_ckpt), "--data", str(data),
-                            "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--layer", "2",
-                            "--out", str(out), *map(str, extra)], capture_output=True, text=True, cwd=REPO, env=env,
-                           timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
+        run_train("--model", tiny_ckpt, "--data", data, "--max-steps", 2, "--batch-size", 4, "--lr", 1e-3, "--layer", 2,
+                  "--out", out, *extra)
         adapters[name] = load_file(str(out / "adapter_model.safetensors"))
     assert any(not torch.equal(adapters["example"][k], adapters["process"][k]) for k in adapters["example"])
     assert all(torch.equal(adapters["example0"][k], adapters["process0"][k]) for k in adapters["example0"])
