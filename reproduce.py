@@ -21,7 +21,7 @@ Stages, each writing under results/<preset>/<stage>/ and skipped once its stage.
     score_<run>    Fig. 3's p1 and the NLLs on the fine-tuned model
     eval_<run>     Table 1, Fig. 2: greedy@1 and n samples at T (Pass@k, Pass@k^(m)); generation resumes per problem
     geometry       Fig. 5: l2 distance and angle between the most and least memorized examples at --layer
-    temps_<run>    Fig. 6: the other sampling temperatures
+    temps_<run>    Fig. 6: the other sampling temperatures, for base, FT and the chosen IB-FT setting (temps_runs)
     report         tables, figures and RESULTS.md from whatever stages are complete (always rerun): report.py, which
                    `python report.py results/<preset>` also runs on its own, from the folder and its plan.json
 
@@ -434,15 +434,29 @@ def evaluate_run(s: Study, d: Path, adapter: Optional[Path], temperature: float,
     return msgs
 
 
+def run_adapter(s: Study, run: str) -> Optional[Path]:
+    """The adapter of a run of the study, or of sweep_<point> (None: the base model)."""
+    return s.work / "sweep" / run[len("sweep_"):] if run.startswith("sweep_") else s.adapter(run)
+
+
 def stage_eval(s: Study, d: Path, run: str):
     """Greedy@1 and n samples at the preset's temperature. `run`: a run of the study, or sweep_<point>."""
-    adapter = s.work / "sweep" / run[len("sweep_"):] if run.startswith("sweep_") else s.adapter(run)
+    adapter = run_adapter(s, run)
     return "; ".join(evaluate_run(s, d, adapter, 0.0, greedy=True) + evaluate_run(s, d, adapter, s.preset.temperature))
 
 
 def stage_temps(s: Study, d: Path, run: str):
+    """n samples at each of Fig. 6's other temperatures (the preset's own one is eval_<run>'s)."""
     return "; ".join(m for t in s.preset.temperatures if t != s.preset.temperature
-                     for m in evaluate_run(s, d, s.adapter(run), t))
+                     for m in evaluate_run(s, d, run_adapter(s, run), t))
+
+
+def temps_runs(p: Preset) -> tuple:
+    """Fig. 6's runs: base, FT and IB-FT. IB-FT is the setting the sensitivity study chose (SWEEP_CHOSEN, its sweep
+    point at seed 0, evaluated at the preset's temperature by eval_sweep_<point>) where the preset has one: the
+    laptop preset's `ibft` run keeps the first default, whose regularizer moves almost nothing (docs/results.md)."""
+    chosen = SWEEP_CHOSEN.get(p.name)
+    return ("base", "ft", f"sweep_{chosen}" if chosen else "ibft")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -770,9 +784,6 @@ def plan(p: Preset) -> list:
         stages.append(Stage(f"score_{run}", lambda s, d, r=run: stage_score(s, d, r), (f"train_{run}",),
                             "Fig. 3 p1; mechanism"))
     stages.append(Stage("geometry", stage_geometry, ("score_base", "train_ft", "train_ibft"), "Fig. 5"))
-    for run in ("base", "ft", "ibft"):
-        dep = () if run == "base" else (f"train_{run}",)
-        stages.append(Stage(f"temps_{run}", lambda s, d, r=run: stage_temps(s, d, r), dep, "Fig. 6"))
     if p.name in BARRIER:
         stages.append(Stage("barrier_memorize", stage_barrier_memorize, ("split", "score_base"),
                             "memorization barrier: D_m memorized"))
@@ -787,6 +798,9 @@ def plan(p: Preset) -> list:
     for point in sweep_eval_points(p):
         stages.append(Stage(f"eval_sweep_{point}", lambda s, d, x=point: stage_eval(s, d, f"sweep_{x}"),
                             (f"sweep_{point}",), "sensitivity: HumanEval of a sweep point (Table 1's columns)"))
+    for run in temps_runs(p):                          # after the sweep: IB-FT's may be a sweep point
+        dep = () if run == "base" else (run,) if run.startswith("sweep_") else (f"train_{run}",)
+        stages.append(Stage(f"temps_{run}", lambda s, d, r=run: stage_temps(s, d, r), dep, "Fig. 6"))
     if sweep_points(p):
         stages.append(Stage("geometry_sweep", stage_sweep_norms, ("split", "score_base"),
                             "sensitivity: the pooled states' norms (Fig. 5's scale)"))
@@ -934,7 +948,7 @@ def write_plan(s: Study, stages: list):
         "labels": {r: label(r) for r in runs(p) + [f"sweep_{x}" for x in dict.fromkeys(points + evals)]},
         "sweep_points": [{"point": x, **dict(zip(("arm", "alpha", "beta", "seed"), parse_point(x))), "ft": sweep_ft(x)}
                          for x in points],
-        "sweep_chosen": SWEEP_CHOSEN.get(p.name), "sweep_eval_points": evals,
+        "sweep_chosen": SWEEP_CHOSEN.get(p.name), "sweep_eval_points": evals, "temps_runs": list(temps_runs(p)),
         "sweep_eval_examples": SWEEP_EVAL_EXAMPLES, "barrier_points": [x for x in barrier_points(p) if x]})
 
 

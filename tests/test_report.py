@@ -81,3 +81,30 @@ def test_a_folder_reproduce_did_not_write_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "plan.json").write_text("{")
     done = report_py(tmp_path)
     assert done.returncode == 2 and "plan.json: not valid JSON" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_a_verdict_is_read_off_the_interval():
+    import report
+    assert report.verdict((0.02, 0.01, 0.03), +1) == "reproduced"
+    assert report.verdict((0.02, 0.01, 0.03), -1) == "contradicted"
+    assert report.verdict((-0.02, -0.03, -0.01), -1) == "reproduced"
+    assert report.verdict((0.01, 0.0, 0.03), +1) == "not resolvable"       # an interval touching 0 resolves nothing
+    assert report.verdict((0.0, -0.01, 0.01), -1) == "not resolvable"
+    assert report.combined(["reproduced", "reproduced"]) == "reproduced"
+    assert report.combined(["reproduced", "not resolvable"]) == "not resolvable at this scale"
+    assert report.combined(["not resolvable", "contradicted", "reproduced"]) == "contradicted"
+    assert report.combined([]) == "not resolvable at this scale"
+
+
+def test_paired_difference_resamples_problems_of_both_runs_together():
+    import report
+    a = {f"t{i}": (10, i % 11) for i in range(40)}
+    b = {f"t{i}": (10, 5) for i in range(40)}
+    m, lo, hi = report.paired_difference(a, b, "pass@1")
+    assert m == pytest.approx(sum(i % 11 for i in range(40)) / 400 - 0.5) and lo < m < hi
+    assert report.paired_difference(a, a, "pass@10^(10)") == (0.0, 0.0, 0.0)     # paired: no spread of its own
+    shifted = {t: (n, min(n, c + 1)) for t, (n, c) in b.items()}                   # one more pass everywhere
+    assert report.paired_difference(shifted, b, "pass@1") == pytest.approx((0.1, 0.1, 0.1))
+    greedy = {t: (1, int(c > 5)) for t, (_, c) in a.items()}
+    assert report.paired_difference(greedy, greedy, "greedy@1") == (0.0, 0.0, 0.0)
+    assert report.bootstrap_mean([0.0, 1.0] * 50)[0] == 0.5

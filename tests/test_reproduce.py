@@ -65,7 +65,8 @@ def test_metrics_are_recomputable_from_the_committed_files(smoke):
         assert sorted(n for n, _ in counts.values()) == [p.n] * p.problems
         again, _ = E.compute_metrics(list(counts.values()), p.ks, p.ms, bootstrap=0)
         assert again == pytest.approx(sampled["metrics"])
-    for run in ("base", "ft", "ibft"):
+    assert R.temps_runs(p) == ("base", "ft", f"sweep_{R.SWEEP_CHOSEN['smoke']}")   # Fig. 6: the chosen IB-FT
+    for run in R.temps_runs(p):
         assert (smoke / f"temps_{run}" / "humaneval.T1.results.json").exists()
 
 
@@ -79,6 +80,12 @@ def test_report_agrees_with_the_stage_outputs(smoke):
     ft = json.loads((smoke / "eval_ft" / "humaneval.T0.2.results.json").read_text())
     assert numbers["table1"]["humaneval/ft"]["metrics"]["pass@2"] == ft["metrics"]["pass@2"]
     assert set(numbers["mechanism"]["quintiles"]) == {"ft", "ibft", "ibft_raw"}
+    claims = numbers["claims"]                          # smoke has no mink20: Table 1's two claims are not in its plan
+    assert set(claims) == {"ratio", "temperature", "greedy_gap"} and "Not in this preset's plan: no eval_mink20" in text
+    assert all(v["verdict"] in ("reproduced", "contradicted", "not resolvable at this scale") for v in claims.values())
+    greedy = report.per_problem_counts(json.loads((smoke / "eval_ft" / "humaneval.greedy.results.json").read_text()))
+    gap = [E.per_problem("pass@2", *n_c) - greedy[t][1] for t, n_c in sorted(report.per_problem_counts(ft).items())]
+    assert claims["greedy_gap"]["parts"]["FT's Pass@2 - greedy@1"] == list(report.bootstrap_mean(gap))
     import csv                                          # runs.csv: every run's final numbers, from its own files
     rows = list(csv.DictReader((smoke / "report" / "runs.csv").open()))
     last = jsonl(smoke / "train_ft" / "metrics.jsonl")[-1]
