@@ -226,6 +226,10 @@ class Collected:
         """A run's label in the tables (plan.json's labels; reproduce.label)."""
         return self.plan["labels"].get(run, run)
 
+    def short(self, run: str) -> str:
+        """The label without its "+ ": how a run is named in a difference ("IB-FT - FT")."""
+        return "base" if run == "base" else self.label(run)[2:]
+
     def results(self, run: str, bench: str, tag: str) -> Optional[dict]:
         stage = "eval" if tag in ("greedy", f"T{self.p.temperature:g}") else "temps"
         f = self.s.stage_dir(f"{stage}_{run}") / f"{bench}.{tag}.results.json"
@@ -252,9 +256,10 @@ class Collected:
         return per_problem_values(ev.greedy if metric == E.GREEDY else ev.sampled, metric)
 
     def eval_runs(self) -> list:
-        """Every run the tables may show, in their order: Table 1's, the other removal ratios, the sweep's points."""
-        return list(dict.fromkeys(TABLE_RUNS + tuple(self.plan["runs"]) +
-                                  tuple(f"sweep_{x}" for x in self.plan["sweep_eval_points"])))
+        """Every run the tables may show, in their order: base, FT, IB-FT's runs and sweep points, then the pruned."""
+        sweep = [f"sweep_{x}" for x in self.plan["sweep_eval_points"]]
+        return list(dict.fromkeys([r for r in self.plan["runs"] if not r.startswith(("grand", "mink"))] + sweep +
+                                  [r for r in tuple(self.plan["runs"]) + TABLE_RUNS if r.startswith(("grand", "mink"))]))
 
     def ibft(self) -> str:
         """The IB-FT run the claims are checked on: the sensitivity study's chosen setting where the plan has one
@@ -343,8 +348,7 @@ def section_table1(c: Collected, figs: Path) -> tuple:
                         numbers[f"{bench}/{a}-{b}/{k}"] = list(d)
                     else:
                         cells.append("")
-                short = [c.label(x)[2:] if x != "base" else "base" for x in (a, b)]
-                diffs.append([f"{short[0]} - {short[1]}"] + cells)
+                diffs.append([f"{c.short(a)} - {c.short(b)}"] + cells)
         if diffs:
             text += ["Differences in points, paired over problems (95% bootstrap interval; an interval that "
                      "contains 0 is a difference this run cannot resolve):", "",
@@ -400,7 +404,7 @@ def section_fig2(c: Collected, figs: Path) -> tuple:
 
 
 def section_fig4(c: Collected, figs: Path) -> tuple:
-    """Pass@k against the share of most memorized examples removed (Fig. 4, Fig. A1), FT (0%) and IB-FT as references."""
+    """Pass@k against the share of most memorized examples removed (Fig. 4, A1); FT (0%) and IB-FT as references."""
     import evaluate as E
     bench = c.p.benchmarks[0]
     ks = [f"pass@{k}" for k in c.p.ks]
@@ -412,7 +416,8 @@ def section_fig4(c: Collected, figs: Path) -> tuple:
         return None, {}
     refs = [(run, ev) for run, ev in ((r, c.evaluated(r, bench)) for r in dict.fromkeys((c.ibft(), "ibft"))) if ev]
     rows = [[f"{pct}% removed" + (" (FT)" if pct == 0 else "")] + [fmt_cell(ev.met, ev.iv, k) for k in cols]
-            for pct, _, ev in points] + [[c.label(r)[2:]] + [fmt_cell(ev.met, ev.iv, k) for k in cols] for r, ev in refs]
+            for pct, _, ev in points]
+    rows += [[c.short(r)] + [fmt_cell(ev.met, ev.iv, k) for k in cols] for r, ev in refs]
     ft = points[0][2] if points[0][0] == 0 else None
     numbers, diffs = {"points": {pct: ev.met for pct, _, ev in points}}, []
     if ft:
@@ -426,7 +431,7 @@ def section_fig4(c: Collected, figs: Path) -> tuple:
             diffs.append([f"{pct}% removed - FT"] + cells)
     text = [f"## Fig. 4: FT without the most memorized examples ({bench})", "",
             "Removal by p0 (lowest Min-20% Prob first); every run has FT's step budget. In %, with 95% bootstrap "
-            "intervals over problems; IB-FT's rows are the reference lines of the figure:", "",
+            "intervals over problems (the figure's band: FT w/ Min-K%'s); IB-FT's rows are its reference lines:", "",
             md_table(["run"] + [k[0].upper() + k[1:] for k in cols], rows)]
     if diffs:
         text += ["", "Differences from FT in points, paired over problems:", "",
@@ -443,10 +448,8 @@ def section_fig4(c: Collected, figs: Path) -> tuple:
                                 [100 * ev.iv[k][1] for _, _, ev in points], color="C0", alpha=0.15)
             if ft:
                 ax.axhline(100 * ft.met[k], color="k", ls="--", lw=1, label="FT (0% removed)")
-            for j, (r, ev) in enumerate(refs):
-                ax.axhline(100 * ev.met[k], color=f"C{j + 1}", lw=1.2, label=c.label(r)[2:])
-                if k in ev.iv:
-                    ax.axhspan(100 * ev.iv[k][0], 100 * ev.iv[k][1], color=f"C{j + 1}", alpha=0.08)
+            for j, (r, ev) in enumerate(refs):              # lines only: their intervals are in the table
+                ax.axhline(100 * ev.met[k], color=f"C{j + 1}", lw=1.2, label=c.short(r))
             ax.set_title(k)
             ax.set_xlabel("most memorized examples removed (%)")
             ax.set_ylabel("%")
@@ -518,8 +521,8 @@ def section_fig6(c: Collected, figs: Path) -> tuple:
         pairs = list(dict.fromkeys((a, b, t) for a, b, t, _ in diffs))
         text += ["", "Differences in points, paired over problems:", "",
                  md_table(["difference", "T"] + names,
-                          [[f"{c.label(a)[2:] if a != 'base' else 'base'} - {c.label(b)[2:] if b != 'base' else 'base'}",
-                            f"{t:g}"] + [fmt_diff(diffs[(a, b, t, n)]) for n in names] for a, b, t in pairs])]
+                          [[f"{c.short(a)} - {c.short(b)}", f"{t:g}"] + [fmt_diff(diffs[(a, b, t, n)]) for n in names]
+                           for a, b, t in pairs])]
     text += ["", f"The paper's text, for comparison: {PAPER_FIG6}."]
     plt = _plt()
     if plt:
@@ -820,7 +823,6 @@ def section_claims(c: Collected, figs: Path) -> tuple:
     ib = c.ibft()
     ev = {r: c.evaluated(r, bench) for r in c.eval_runs()}
     ev = {r: e for r, e in ev.items() if e}
-    short = {r: ("base" if r == "base" else c.label(r)[2:]) for r in c.eval_runs()}
     items, numbers = [], {}
 
     def diff(a, b, k):
@@ -846,17 +848,17 @@ def section_claims(c: Collected, figs: Path) -> tuple:
 
     # 1. Table 1: data selection helps FT; IB-FT ranks first.
     hum = PAPER["verilogeval-human"][1]
+    gain = {(x, i): hum[f"+ FT w/ {x}"][i] - hum["+ FT"][i] for x in ("Min-K%", "GRAND") for i in (0, 5)}
     claim("selection", "Table 1: FT w/ Min-K% and FT w/ GRAND improve on FT.",
-          f"on Eval-Human, Pass@1 +{hum['+ FT w/ Min-K%'][0] - hum['+ FT'][0]:.2f} and "
-          f"+{hum['+ FT w/ GRAND'][0] - hum['+ FT'][0]:.2f}, Pass@10^(10) "
-          f"+{hum['+ FT w/ Min-K%'][5] - hum['+ FT'][5]:.2f} and +{hum['+ FT w/ GRAND'][5] - hum['+ FT'][5]:.2f} points",
-          [(f"{short[r]} - FT, {k}", diff(r, "ft", k), +1) for r in ("mink20", "grand") for k in ("pass@1", strict)]
+          f"on Eval-Human, Pass@1 +{gain['Min-K%', 0]:.2f} and +{gain['GRAND', 0]:.2f}, Pass@10^(10) "
+          f"+{gain['Min-K%', 5]:.2f} and +{gain['GRAND', 5]:.2f} points",
+          [(f"{c.short(r)} - FT, {k}", diff(r, "ft", k), +1) for r in ("mink20", "grand") for k in ("pass@1", strict)]
           if not need("ft", "mink20", "grand") else [], need("ft", "mink20", "grand"))
     claim("ibft_first", "Table 1: IB-FT ranks above FT and both data-selection baselines.",
           f"on Eval-Human, Pass@1 {hum['+ IB-FT'][0]:.2f} against {hum['+ FT w/ Min-K%'][0]:.2f} (Min-K%), "
           f"{hum['+ FT w/ GRAND'][0]:.2f} (GRAND) and {hum['+ FT'][0]:.2f} (FT); Pass@10^(10) {hum['+ IB-FT'][5]:.2f} "
           f"against at most {max(hum[x][5] for x in ('+ FT', '+ FT w/ Min-K%', '+ FT w/ GRAND')):.2f}",
-          [(f"IB-FT - {short[r]}, {k}", diff(ib, r, k), +1) for r in ("ft", "mink20", "grand")
+          [(f"IB-FT - {c.short(r)}, {k}", diff(ib, r, k), +1) for r in ("ft", "mink20", "grand")
            for k in ("pass@1", strict)] if not need(ib, "ft", "mink20", "grand") else [],
           need(ib, "ft", "mink20", "grand"))
 
@@ -910,18 +912,32 @@ def section_claims(c: Collected, figs: Path) -> tuple:
           "the fine-tuned model's Pass@1 drops sharply against its Pass@5 and Pass@10 (Fig. 2, plotted only); IB-FT's "
           "gains are largest at k = 1 (Table 1)", parts, miss)
 
+    # The yardstick: FT at another training seed against FT, on the metrics the claims use.
+    seeds = [f"sweep_{x}" for x, e in c.points.items() if e["arm"] == "ft" and e["seed"] and f"sweep_{x}" in ev]
+    if "ft" in ev:
+        for r in seeds:
+            parts = [(f"{c.short(r)} - FT, {k}", diff(r, "ft", k)) for k in (E.GREEDY, "pass@1", f"pass@{K}", strict)]
+            items.append("- **Yardstick: FT at another training seed.** " +
+                         "; ".join(f"{x} {fmt_diff(d)}" for x, d in parts) + ". A claimed difference no larger than "
+                         "these is within training noise, whatever its interval over problems says.")
+            numbers.setdefault("yardstick", {}).update({x: list(d) for x, d in parts})
+    planned = any(x.startswith("eval_sweep_ft") for x in c.plan["stages"])
+    noise = ("; the last line measures what another seed changes." if seeds else
+             f"; no FT run at another seed is evaluated{' yet' if planned else ''}, so how much of each difference is "
+             "training noise is not measured.")
     text = [f"## The paper's claims, checked ({bench})", "",
             f"IB-FT here is the run `{ib}`" + (", the sensitivity study's chosen setting" if ib != "ibft" else "") +
             ". Each claim is a set of differences in points, paired over problems, with 95% bootstrap intervals over "
             "the problems (not over training seeds): an interval wholly on the paper's side of 0 reproduces that "
             "part, wholly on the other side contradicts it, and one that contains 0 cannot resolve it. A claim is "
-            "reproduced when every part is, contradicted when any part is.", ""] + items
+            "reproduced when every part is, contradicted when any part is. Every run is one training seed" + noise,
+            ""] + items
     return "\n".join(text), numbers
 
 
 # The report's sections, in RESULTS.md's order.
-SECTIONS = (section_claims, section_table1, section_fig3, section_mechanism, section_sweep, section_barrier, section_fig2,
-            section_fig4, section_fig5, section_fig6)
+SECTIONS = (section_claims, section_table1, section_fig3, section_mechanism, section_sweep, section_barrier,
+            section_fig2, section_fig4, section_fig5, section_fig6)
 
 
 RUNS_CSV_TRAIN = ("steps", "loss", "ce", "kl", "ce_ib", "eval_nll", "ib_share_median", "rate", "sink_share")
