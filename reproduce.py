@@ -523,11 +523,10 @@ SWEEP = {
 # without costing held-out NLL; alpha 2, because alpha 1's ib_share on the main command's data is 0.038.
 SWEEP_CHOSEN = {"laptop": "norm_a2", "smoke": "nosink_a0.1"}
 BARRIER_POINTS = {"laptop": ("ft_s0", "norm_a10", "nosink_a0.01")}    # beside the chosen setting
-# Scored on the benchmarks too (eval_sweep_<point>), after the chosen setting: the first choice, and the setting that
-# differs from FT most (the paper's per-example picture, at a cost in held-out NLL). FT's evaluation is eval_ft
-# (train_ft: the same recipe as sweep_ft_s0).
-# Beside the chosen setting, the points scored on the benchmarks. ft_s1, FT at another training seed, is the yardstick
-# for every paired difference against FT: their bootstrap intervals cover the choice of problems, not training noise.
+# Scored on the benchmarks too (eval_sweep_<point>), after the chosen setting: the first choice; FT at another training
+# seed, the yardstick for every paired difference against FT (whose bootstrap intervals cover the choice of problems,
+# not training noise); and the setting that differs from FT most (the paper's per-example picture, at a cost in
+# held-out NLL). FT's evaluation is eval_ft (train_ft: the same recipe as sweep_ft_s0).
 SWEEP_EVAL = {"laptop": ("nosink_a0.01", "ft_s1", "norm_a10")}
 SWEEP_EVAL_EVERY = 20
 SWEEP_EVAL_EXAMPLES = 40

@@ -9,8 +9,16 @@ import pytest
 import report
 
 LAPTOP = Path(__file__).resolve().parent.parent / "results" / "laptop"
-EVALS = sorted(p for p in LAPTOP.glob("*/*.results.json") if p.parent.name.startswith(("eval_", "temps_"))) \
-    if LAPTOP.is_dir() else []
+
+
+def complete(stage: Path) -> bool:
+    """A stage that ended (stage.json says complete): the ones committed; a running one may have partial files."""
+    f = stage / "stage.json"
+    return f.is_file() and json.loads(f.read_text()).get("status") == "complete"
+
+
+EVALS = sorted(p for p in LAPTOP.glob("*/*.results.json")
+               if p.parent.name.startswith(("eval_", "temps_")) and complete(p.parent)) if LAPTOP.is_dir() else []
 
 
 @pytest.mark.skipif(not EVALS, reason="results/laptop has no evaluation committed")
