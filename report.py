@@ -252,8 +252,17 @@ class Collected:
 
     def values(self, ev: SimpleNamespace, metric: str) -> dict:
         """task_id -> the metric's per-problem value of an evaluated run (greedy@1 from its greedy samples)."""
+        return per_problem_values(self.counts_of(ev, metric), metric)
+
+    @staticmethod
+    def counts_of(ev: SimpleNamespace, metric: str) -> dict:
+        """The (n, c) per problem a metric is computed from: the greedy samples for greedy@1, else the sampled."""
         import evaluate as E
-        return per_problem_values(ev.greedy if metric == E.GREEDY else ev.sampled, metric)
+        return ev.greedy if metric == E.GREEDY else ev.sampled
+
+    def diff(self, ev_a: SimpleNamespace, ev_b: SimpleNamespace, metric: str) -> tuple:
+        """paired_difference of two evaluated runs on one metric."""
+        return paired_difference(self.counts_of(ev_a, metric), self.counts_of(ev_b, metric), metric)
 
     def eval_runs(self) -> list:
         """Every run the tables may show, in their order: base, FT, IB-FT's runs and sweep points, then the pruned."""
@@ -424,8 +433,7 @@ def section_fig4(c: Collected, figs: Path) -> tuple:
         for pct, run, ev in points[1:]:
             cells = []
             for k in cols:
-                d = paired_difference(ev.greedy if k == E.GREEDY else ev.sampled,
-                                      ft.greedy if k == E.GREEDY else ft.sampled, k)
+                d = c.diff(ev, ft, k)
                 numbers[f"{run}-ft/{k}"] = d
                 cells.append(fmt_diff(d))
             diffs.append([f"{pct}% removed - FT"] + cells)
@@ -827,9 +835,7 @@ def section_claims(c: Collected, figs: Path) -> tuple:
     items, numbers = [], {}
 
     def diff(a, b, k):
-        ca = ev[a].greedy if k == E.GREEDY else ev[a].sampled
-        cb = ev[b].greedy if k == E.GREEDY else ev[b].sampled
-        return paired_difference(ca, cb, k)
+        return c.diff(ev[a], ev[b], k)
 
     def claim(key, title, paper, parts, missing):
         """parts: (description, (mean, lo, hi), sign the paper gives)."""
