@@ -179,12 +179,16 @@ def paired_difference(a: dict, b: dict, metric: str, bootstrap: int = 2000, seed
     return bootstrap_mean([va[t] - vb[t] for t in sorted(set(va) & set(vb))], bootstrap, seed)
 
 
-def verdict(diff: tuple, sign: int) -> str:
+def verdict(diff: tuple, sign: int, noise: Optional[float] = None) -> str:
     """The paper says the difference has sign `sign` (+1 or -1). Its 95% interval decides: wholly on the paper's
-    side of 0, "reproduced"; wholly on the other, "contradicted"; containing 0, "not resolvable"."""
-    _, lo, hi = diff
+    side of 0, "reproduced"; wholly on the other, "contradicted"; containing 0, "not resolvable". `noise`: the size
+    of the same difference between two training seeds of FT (the yardstick), where it was measured; a difference
+    resolved over problems but no larger than that is "within training noise", which resolves nothing either."""
+    mean, lo, hi = diff
     if lo <= 0 <= hi:
         return "not resolvable"
+    if noise is not None and abs(mean) <= noise + 1e-12:    # equal counts give equal means up to rounding
+        return "within training noise"
     return "reproduced" if (lo > 0) == (sign > 0) else "contradicted"
 
 
@@ -824,7 +828,7 @@ def section_barrier(c: Collected, figs: Path) -> tuple:
 def section_claims(c: Collected, figs: Path) -> tuple:
     """The paper's claims this study can check (Table 1's two, Fig. 4 / A1, Fig. 6, Fig. 2), each with its paired
     differences (95% bootstrap intervals over problems) and one verdict (verdict, combined): reproduced, contradicted,
-    or not resolvable at this scale."""
+    within training noise, or not resolvable at this scale."""
     import evaluate as E
     bench = c.p.benchmarks[0]
     K = max(c.p.ks)
@@ -837,18 +841,36 @@ def section_claims(c: Collected, figs: Path) -> tuple:
     def diff(a, b, k):
         return c.diff(ev[a], ev[b], k)
 
+    def gap_diff(a, b):
+        """Fig. 2's gap (Pass@K - greedy@1) of run a minus run b's, paired over problems."""
+        ga, gb = greedy_gap(c, ev[a], K), greedy_gap(c, ev[b], K)
+        return bootstrap_mean([ga[t] - gb[t] for t in sorted(set(ga) & set(gb))])
+
+    # The yardstick: FT at another training seed against FT, on every measure the claims use at the preset's
+    # temperature. noise[measure] is the largest such difference; a claimed difference no larger is training noise.
+    seeds = [f"sweep_{x}" for x, e in c.points.items() if e["arm"] == "ft" and e["seed"] and f"sweep_{x}" in ev]
+    yard, noise = [], {}
+    if "ft" in ev:
+        for r in seeds:
+            ds = [(k, diff(r, "ft", k)) for k in (E.GREEDY,) + tuple(f"pass@{k}" for k in c.p.ks) + (strict,)]
+            ds.append(("gap", gap_diff(r, "ft")))
+            yard.append((f"FT at seed {c.points[r[len('sweep_'):]]['seed']} - FT", ds))
+            for k, d in ds:
+                noise[k] = max(noise.get(k, 0.0), abs(d[0]))
+
     def claim(key, title, paper, parts, missing):
-        """parts: (description, (mean, lo, hi), sign the paper gives)."""
+        """parts: (description, (mean, lo, hi), sign the paper gives, the yardstick's measure or None)."""
         if missing:
             absent = [x for x in missing if x not in c.plan["stages"]]
             items.append(f"- **{title}** " + (f"Not in this preset's plan: no {', '.join(absent)}." if absent else
                                               f"Not run yet: needs {', '.join(missing)}."))
             return
-        vs = [verdict(d, sign) for _, d, sign in parts]
+        vs = [verdict(d, sign, noise.get(m) if m else None) for _, d, sign, m in parts]
         v = combined(vs)
-        here = "; ".join(f"{desc} {fmt_diff(d)} ({x})" for (desc, d, _), x in zip(parts, vs))
+        here = "; ".join(f"{desc} {fmt_diff(d)} ({x})" for (desc, d, _, _), x in zip(parts, vs))
         items.append(f"- **{title}** The paper: {paper}. Here: {here}. **Verdict: {v}.**")
-        numbers[key] = {"verdict": v, "parts": {desc: list(d) for desc, d, _ in parts}}
+        numbers[key] = {"verdict": v, "parts": {desc: list(d) for desc, d, _, _ in parts},
+                        "part_verdicts": {desc: x for (desc, _, _, _), x in zip(parts, vs)}}
 
     def need(*runs):
         return [f"eval_{r}" for r in runs if r not in ev]
@@ -859,13 +881,14 @@ def section_claims(c: Collected, figs: Path) -> tuple:
     claim("selection", "Table 1: FT w/ Min-K% and FT w/ GRAND improve on FT.",
           f"on Eval-Human, Pass@1 +{gain['Min-K%', 0]:.2f} and +{gain['GRAND', 0]:.2f}, Pass@10^(10) "
           f"+{gain['Min-K%', 5]:.2f} and +{gain['GRAND', 5]:.2f} points",
-          [(f"{c.short(r)} - FT, {k}", diff(r, "ft", k), +1) for r in ("mink20", "grand") for k in ("pass@1", strict)]
+          [(f"{c.short(r)} - FT, {k}", diff(r, "ft", k), +1, k) for r in ("mink20", "grand")
+           for k in ("pass@1", strict)]
           if not need("ft", "mink20", "grand") else [], need("ft", "mink20", "grand"))
     claim("ibft_first", "Table 1: IB-FT ranks above FT and both data-selection baselines.",
           f"on Eval-Human, Pass@1 {hum['+ IB-FT'][0]:.2f} against {hum['+ FT w/ Min-K%'][0]:.2f} (Min-K%), "
           f"{hum['+ FT w/ GRAND'][0]:.2f} (GRAND) and {hum['+ FT'][0]:.2f} (FT); Pass@10^(10) {hum['+ IB-FT'][5]:.2f} "
           f"against at most {max(hum[x][5] for x in ('+ FT', '+ FT w/ Min-K%', '+ FT w/ GRAND')):.2f}",
-          [(f"IB-FT - {c.short(r)}, {k}", diff(ib, r, k), +1) for r in ("ft", "mink20", "grand")
+          [(f"IB-FT - {c.short(r)}, {k}", diff(ib, r, k), +1, k) for r in ("ft", "mink20", "grand")
            for k in ("pass@1", strict)] if not need(ib, "ft", "mink20", "grand") else [],
           need(ib, "ft", "mink20", "grand"))
 
@@ -875,7 +898,7 @@ def section_claims(c: Collected, figs: Path) -> tuple:
     parts = []
     if not miss:
         first = ratios[1]                               # the smallest ratio (the paper's 10%)
-        parts.append((f"{first[1]}% removed - FT, pass@1", diff(first[0], "ft", "pass@1"), +1))
+        parts.append((f"{first[1]}% removed - FT, pass@1", diff(first[0], "ft", "pass@1"), +1, "pass@1"))
         ks = [f"pass@{k}" for k in c.p.ks]
         best = {k: max(ratios, key=lambda x: ev[x[0]].met[k]) for k in ks}
         split = [(k1, k2) for k1 in ks for k2 in ks if k1 < k2 and best[k1] != best[k2]]
@@ -886,25 +909,26 @@ def section_claims(c: Collected, figs: Path) -> tuple:
                 if (best[a][0], best[b][0], a) == (first[0], "ft", "pass@1"):
                     continue                            # the first part already
                 parts.append((f"{k1} peaks at {best[k1][1]}%, {k2} at {best[k2][1]}%: on {a}, {best[a][1]}% - "
-                              f"{best[b][1]}%", diff(best[a][0], best[b][0], a), +1))
+                              f"{best[b][1]}%", diff(best[a][0], best[b][0], a), +1, a))
         else:           # one ratio peaks on every metric: the metric-dependence is contradicted if it peaks clearly
             r0 = best[ks[0]]
             for k in ks:
                 runner = max((x for x in ratios if x != r0), key=lambda x: ev[x[0]].met[k])
                 parts.append((f"every metric peaks at {r0[1]}%; on {k}, {runner[1]}% - {r0[1]}%",
-                              diff(runner[0], r0[0], k), +1))
+                              diff(runner[0], r0[0], k), +1, k))
     claim("ratio", "Fig. 4 / Fig. A1: removing the most memorized 10% improves Pass@1, and the best removal ratio "
           "depends on the metric.", "removing 10% gives a substantial Pass@1 gain on both VerilogEval sets (Fig. 4, "
           "plotted only); DeepSeek-Coder's Pass@1 peaks at 10% and its Pass@5 at 30% (Fig. A1)", parts, miss)
 
-    # 3. Fig. 6: FT falls below base at higher temperatures; IB-FT stays above FT.
+    # 3. Fig. 6: FT falls below base at higher temperatures; IB-FT stays above FT. No yardstick: FT's other seed is
+    # sampled at the preset's temperature only.
     names = [f"pass@{k}^({k})" for k in c.p.ks if k > 1]
     hot = [t for t in c.p.temperatures if t > c.p.temperature]
     miss = [f"temps_{r}" for r in ("base", "ft", ib) if f"temps_{r}" not in c.done]
     parts = []
     if not miss:
         d = temps_diffs(c, bench, names)
-        parts = [(f"T {t:g}, {desc}, {n}", d[(a, b, t, n)], sign) for t in hot for n in names
+        parts = [(f"T {t:g}, {desc}, {n}", d[(a, b, t, n)], sign, None) for t in hot for n in names
                  for a, b, desc, sign in ((ib, "ft", "IB-FT - FT", +1), ("ft", "base", "FT - base", -1))]
     claim("temperature", "Fig. 6: at higher temperature FT falls below the base model while IB-FT stays above FT.",
           PAPER_FIG6, parts, miss)
@@ -912,34 +936,34 @@ def section_claims(c: Collected, figs: Path) -> tuple:
     # 4. Fig. 2: FT's greedy Pass@1 lags its sampled Pass@K; IB-FT narrows the gap by raising greedy Pass@1.
     miss, parts = need("ft", ib), []
     if not miss:
-        gf, gi = greedy_gap(c, ev["ft"], K), greedy_gap(c, ev[ib], K)
-        parts = [(f"FT's Pass@{K} - greedy@1", bootstrap_mean(list(gf.values())), +1),
-                 ("IB-FT - FT, greedy@1", diff(ib, "ft", E.GREEDY), +1),
-                 ("IB-FT's gap - FT's gap", bootstrap_mean([gi[t] - gf[t] for t in sorted(set(gi) & set(gf))]), -1)]
+        gf = greedy_gap(c, ev["ft"], K)
+        parts = [(f"FT's Pass@{K} - greedy@1", bootstrap_mean(list(gf.values())), +1, None),
+                 ("IB-FT - FT, greedy@1", diff(ib, "ft", E.GREEDY), +1, E.GREEDY),
+                 ("IB-FT's gap - FT's gap", gap_diff(ib, "ft"), -1, "gap")]
     claim("greedy_gap", f"Fig. 2: FT's greedy Pass@1 lags its sampled Pass@{K}, and IB-FT narrows that gap by "
           "raising greedy Pass@1.",
           "the fine-tuned model's Pass@1 drops sharply against its Pass@5 and Pass@10 (Fig. 2, plotted only); IB-FT's "
           "gains are largest at k = 1 (Table 1)", parts, miss)
 
-    # The yardstick: FT at another training seed against FT, on the metrics the claims use.
-    seeds = [f"sweep_{x}" for x, e in c.points.items() if e["arm"] == "ft" and e["seed"] and f"sweep_{x}" in ev]
-    if "ft" in ev:
-        for r in seeds:
-            parts = [(f"{c.short(r)} - FT, {k}", diff(r, "ft", k)) for k in (E.GREEDY, "pass@1", f"pass@{K}", strict)]
-            items.append("- **Yardstick: FT at another training seed.** " +
-                         "; ".join(f"{x} {fmt_diff(d)}" for x, d in parts) + ". A claimed difference no larger than "
-                         "these is within training noise, whatever its interval over problems says.")
-            numbers.setdefault("yardstick", {}).update({x: list(d) for x, d in parts})
+    for name, ds in yard:
+        items.append(f"- **Yardstick: {name}.** " + "; ".join(
+            f"{'gap (Pass@%d - greedy@1)' % K if k == 'gap' else k} {fmt_diff(d)}" for k, d in ds) +
+            f" (T = {c.p.temperature:g}). A claimed difference no larger than these is within training noise, "
+            "whatever its interval over problems says.")
+        numbers.setdefault("yardstick", {}).update({k: list(d) for k, d in ds})
     planned = any(x.startswith("eval_sweep_ft") for x in c.plan["stages"])
-    noise = ("; the last line measures what another seed changes." if seeds else
-             f"; no FT run at another seed is evaluated{' yet' if planned else ''}, so how much of each difference is "
-             "training noise is not measured.")
+    how = ("; a part resolved over problems but no larger than the same difference between two training seeds of FT "
+           "(the yardstick, last line: one pair of seeds, a scale rather than an interval) is within training noise "
+           "and resolves nothing either. Fig. 6's temperatures have no yardstick: FT's other seed is sampled at "
+           f"T = {c.p.temperature:g} only." if yard else
+           f"; no FT run at another seed is evaluated{' yet' if planned else ''}, so how much of each difference is "
+           "training noise is not measured.")
     text = [f"## The paper's claims, checked ({bench})", "",
             f"IB-FT here is the run `{ib}`" + (", the sensitivity study's chosen setting" if ib != "ibft" else "") +
             ". Each claim is a set of differences in points, paired over problems, with 95% bootstrap intervals over "
             "the problems (not over training seeds): an interval wholly on the paper's side of 0 reproduces that "
             "part, wholly on the other side contradicts it, and one that contains 0 cannot resolve it. A claim is "
-            "reproduced when every part is, contradicted when any part is. Every run is one training seed" + noise,
+            "reproduced when every part is, contradicted when any part is. Every run is one training seed" + how,
             ""] + items
     return "\n".join(text), numbers
 

@@ -96,6 +96,17 @@ def test_a_verdict_is_read_off_the_interval():
     assert report.combined([]) == "not resolvable at this scale"
 
 
+def test_a_resolved_difference_no_larger_than_the_seed_yardstick_is_training_noise():
+    import report
+    assert report.verdict((0.02, 0.01, 0.03), +1, noise=0.02) == "within training noise"     # equal: noise
+    assert report.verdict((-0.02, -0.03, -0.01), +1, noise=0.025) == "within training noise"  # either sign
+    assert report.verdict((0.02, 0.01, 0.03), +1, noise=0.019) == "reproduced"
+    assert report.verdict((0.02, 0.01, 0.03), -1, noise=0.019) == "contradicted"
+    assert report.verdict((0.01, -0.01, 0.03), +1, noise=0.0) == "not resolvable"            # the interval first
+    assert report.combined(["reproduced", "within training noise"]) == "not resolvable at this scale"
+    assert report.combined(["within training noise", "contradicted"]) == "contradicted"
+
+
 def test_paired_difference_resamples_problems_of_both_runs_together():
     import report
     a = {f"t{i}": (10, i % 11) for i in range(40)}
