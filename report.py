@@ -948,7 +948,7 @@ def section_claims(c: Collected, figs: Path) -> tuple:
 
     for name, ds in yard:
         items.append(f"- **Yardstick: {name}.** " + "; ".join(
-            f"{'gap (Pass@%d - greedy@1)' % K if k == 'gap' else k} {fmt_diff(d)}" for k, d in ds) +
+            f"{f'gap (Pass@{K} - greedy@1)' if k == 'gap' else k} {fmt_diff(d)}" for k, d in ds) +
             f" (T = {c.p.temperature:g}). A claimed difference no larger than these is within training noise, "
             "whatever its interval over problems says.")
         numbers.setdefault("yardstick", {}).update({k: list(d) for k, d in ds})
