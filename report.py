@@ -526,15 +526,15 @@ def section_fig6(c: Collected, figs: Path) -> tuple:
                 series.setdefault(run, []).append((t, r))
     if not any(len(v) > 1 for v in series.values()):
         return None, {}
-    diffs = temps_diffs(c, bench, names)
+    diffs = temps_diffs(c, bench, cols)
     text = [f"## Fig. 6: temperature ({bench})", "",
             "Pass@k^(k): all k samples must pass (the paper's Fig. 6); Pass@1 and Pass@K beside it. In %, with 95% "
             "bootstrap intervals over problems:", "", md_table(["run", "T"] + cols, rows)]
     if diffs:
         pairs = list(dict.fromkeys((a, b, t) for a, b, t, _ in diffs))
         text += ["", "Differences in points, paired over problems:", "",
-                 md_table(["difference", "T"] + names,
-                          [[f"{c.short(a)} - {c.short(b)}", f"{t:g}"] + [fmt_diff(diffs[(a, b, t, n)]) for n in names]
+                 md_table(["difference", "T"] + cols,
+                          [[f"{c.short(a)} - {c.short(b)}", f"{t:g}"] + [fmt_diff(diffs[(a, b, t, n)]) for n in cols]
                            for a, b, t in pairs])]
     text += ["", f"The paper's text, for comparison: {PAPER_FIG6}."]
     plt = _plt()
